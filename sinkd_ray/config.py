@@ -1,0 +1,245 @@
+"""Settings as dataclasses that validate themselves (TRL style: each field's ``help`` doubles as CLI help).
+
+Every config class derives from ``ValidatedConfig``: bad values stop at construction with a one-line
+``SinkdError`` naming the field, the value and the allowed range; ``from_dict`` rejects unknown keys (the
+search-space loader builds configs from YAML with it); ``to_dict`` gives plain values back for logging.
+
+To add a config: subclass ``ValidatedConfig`` as a ``@dataclass``, give every field
+``metadata={"help": ...}``, and check the values in ``__post_init__`` with the ``_check_*`` helpers below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import numbers
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sinkd_ray.errors import SinkdError
+from sinkd_ray.losses import (
+    DISTRIBUTION_TERMS,
+    SINKHORN_GRADS,
+    SINKHORN_MASSES,
+    SINKHORN_MAX_COST_ELEMENTS,
+    SINKHORN_PRESETS,
+    SINKHORN_VARIANTS,
+)
+
+INF = math.inf
+FAMILIES = ("encoder", "encoder-decoder", "decoder")  # the model families of sinkd_ray.models
+
+
+def _fmt_interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    def show(x: float) -> str:
+        return "inf" if x == INF else ("-inf" if x == -INF else f"{x:g}")
+
+    left = "(" if low_open or low == -INF else "["
+    right = ")" if high_open or high == INF else "]"
+    return f"{left}{show(low)}, {show(high)}{right}"
+
+
+def _check_number(name: str, value: Any, low: float = -INF, high: float = INF, *, low_open: bool = False,
+                  high_open: bool = False, integer: bool = False) -> None:
+    """Raise SinkdError unless ``value`` is a number (an integer if asked) inside the interval."""
+    interval = _fmt_interval(low, high, low_open, high_open)
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SinkdError(f"{name}={value!r} must be {kind} in {interval}")
+    if integer and not (math.isfinite(value) and value == int(value)):
+        raise SinkdError(f"{name}={value!r} must be {kind} in {interval}")
+    inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not inside:  # also catches NaN
+        raise SinkdError(f"{name}={value!r} is outside {interval}")
+
+
+def _check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise SinkdError(f"{name}={value!r} is not one of {allowed}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise SinkdError(f"{name}={value!r} must be true or false")
+
+
+@dataclass
+class ValidatedConfig:
+    """Base of the config dataclasses: ``from_dict`` with unknown-key errors, ``to_dict``, ``help_texts``."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        """Build from a mapping (e.g. a YAML search-space entry); unknown keys -> SinkdError listing known ones."""
+        known = [f.name for f in dataclasses.fields(cls) if f.init]
+        unknown = [key for key in values if key not in known]
+        if unknown:
+            hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, known, n=1))
+                     else repr(key) for key in unknown]
+            raise SinkdError(f"unknown {cls.__name__} key(s) {', '.join(hints)} — known keys: {', '.join(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Field name -> value (plain Python values, suitable for logging as parameters)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def help_texts(cls) -> dict[str, str]:
+        """Field name -> help text (for CLI parsers and documentation)."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+@dataclass
+class DistillConfig(ValidatedConfig):
+    """The SinKD objective  (1 − α)·CE + α·KL_τKL + β·L_SD  and its switches.
+
+    ``losses.objective_weights`` shows how the paper's ablation rows map onto these fields.
+    Defaults: the paper's GLUE setting (α = 0.9, β = 0.8, τ_SD = 2, λ = 0.1, T = 20, p = 1).
+    """
+
+    alpha: float = field(default=0.9, metadata={
+        "help": "α in [0, 1]: weight of the KL term; CE gets (1 − α). "
+                "α=0 gives CE + β·SD, α=1 gives KL + β·SD."})
+    beta: float = field(default=0.8, metadata={
+        "help": "β ≥ 0: weight of the distribution-level term (Sinkhorn or its RKL/JS/TVD replacement); "
+                "0 turns it off."})
+    tau_kl: float = field(default=1.0, metadata={
+        "help": "τ_KL > 0: temperature of the KL term. 1.0 as in the released GLUE scripts (--temperature 1.0); "
+                "with kl_tau_squared the term is scaled by τ² so other values keep the gradient scale."})
+    tau_sd: float = field(default=2.0, metadata={
+        "help": "τ_SD > 0: temperature of the softmax fed to the Sinkhorn term (paper: 2)."})
+    sinkhorn_lambda: float = field(default=0.1, metadata={
+        "help": "λ > 0: entropic regularisation of Sinkhorn, K = exp(−C/λ) (paper: 0.1). Small λ (< C_range/50) "
+                "switches to the slower log-domain iterations automatically."})
+    sinkhorn_iters: int = field(default=20, metadata={
+        "help": "T ≥ 1: number of Sinkhorn iterations (rows then columns), differentiated through (paper: 20)."})
+    sinkhorn_p: float = field(default=1.0, metadata={
+        "help": "p ≥ 1: the cost is the L_p distance between probability vectors (paper: 1)."})
+    batch_size: int = field(default=32, metadata={
+        "help": "b ≥ 2: global batch size, the number of samples the batch-wise transport plan couples."})
+    sinkhorn_variant: str = field(default="batch", metadata={
+        "choices": SINKHORN_VARIANTS,
+        "help": f"Sinkhorn cost: one of {list(SINKHORN_VARIANTS)} — batch-wise b×b (paper's main), sample-wise "
+                "d×d per sample, or flattened bd×bd."})
+    distribution_term: str = field(default="sinkhorn", metadata={
+        "choices": DISTRIBUTION_TERMS,
+        "help": f"β-weighted term: one of {list(DISTRIBUTION_TERMS)} (RKL/JS/TVD are the paper's ablations; "
+                "'none' = vanilla KD)."})
+    use_ce: bool = field(default=True, metadata={
+        "help": "Include the cross-entropy with the gold labels (weight 1 − α)."})
+    use_kl: bool = field(default=True, metadata={
+        "help": "Include the KL term (weight α)."})
+    sinkhorn_mass: str = field(default="unit", metadata={
+        "choices": SINKHORN_MASSES,
+        "help": f"one of {list(SINKHORN_MASSES)}: 'unit' = plan mass 1, the term does not grow with b; "
+                "'batch' = unit marginals (mass b) as the released code."})
+    sinkhorn_scale: float = field(default=1.0, metadata={
+        "help": "> 0: constant factor on the Sinkhorn term (the released code uses 0.001 with mass 'batch')."})
+    sinkhorn_scale_preset: str | None = field(default=None, metadata={
+        "choices": tuple(SINKHORN_PRESETS),
+        "help": f"optional, one of {list(SINKHORN_PRESETS)}: sets sinkhorn_mass and sinkhorn_scale together "
+                "('released' = mass 'batch', scale 0.001); overrides those two fields."})
+    sinkhorn_grad: str = field(default="unrolled", metadata={
+        "choices": SINKHORN_GRADS,
+        "help": f"one of {list(SINKHORN_GRADS)}: 'unrolled' differentiates through the T iterations (the paper); "
+                "'envelope' holds the plan constant (cheaper, a different gradient; opt-in)."})
+    kl_tau_squared: bool = field(default=True, metadata={
+        "help": "Multiply the KL term by τ_KL² (Hinton et al.), keeping its gradient scale independent of τ_KL."})
+    sinkhorn_max_cost_elements: int = field(default=SINKHORN_MAX_COST_ELEMENTS, metadata={
+        "help": "Largest Sinkhorn cost matrix (elements) allowed before a clear error instead of running out "
+                "of memory (the sample-wise / flattened variants are O(b·d²) / O((bd)²))."})
+
+    def __post_init__(self) -> None:
+        _check_number("alpha", self.alpha, 0.0, 1.0)
+        _check_number("beta", self.beta, 0.0)
+        _check_number("tau_kl", self.tau_kl, 0.0, low_open=True)
+        _check_number("tau_sd", self.tau_sd, 0.0, low_open=True)
+        _check_number("sinkhorn_lambda", self.sinkhorn_lambda, 0.0, low_open=True)
+        _check_number("sinkhorn_iters", self.sinkhorn_iters, 1, integer=True)
+        _check_number("sinkhorn_p", self.sinkhorn_p, 1.0, INF, high_open=True)
+        _check_number("batch_size", self.batch_size, 2, integer=True)
+        _check_choice("sinkhorn_variant", self.sinkhorn_variant, SINKHORN_VARIANTS)
+        _check_choice("distribution_term", self.distribution_term, DISTRIBUTION_TERMS)
+        _check_bool("use_ce", self.use_ce)
+        _check_bool("use_kl", self.use_kl)
+        _check_choice("sinkhorn_mass", self.sinkhorn_mass, SINKHORN_MASSES)
+        _check_number("sinkhorn_scale", self.sinkhorn_scale, 0.0, INF, low_open=True, high_open=True)
+        _check_choice("sinkhorn_scale_preset", self.sinkhorn_scale_preset, [None, *SINKHORN_PRESETS])
+        _check_choice("sinkhorn_grad", self.sinkhorn_grad, SINKHORN_GRADS)
+        _check_bool("kl_tau_squared", self.kl_tau_squared)
+        _check_number("sinkhorn_max_cost_elements", self.sinkhorn_max_cost_elements, 1, integer=True)
+        self.sinkhorn_iters = int(self.sinkhorn_iters)  # YAML may give 20.0
+        self.batch_size = int(self.batch_size)
+        self.sinkhorn_max_cost_elements = int(self.sinkhorn_max_cost_elements)
+        if self.sinkhorn_scale_preset is not None:
+            preset = SINKHORN_PRESETS[self.sinkhorn_scale_preset]
+            self.sinkhorn_mass, self.sinkhorn_scale = preset["mass"], float(preset["scale"])
+        active = {"CE": self.use_ce and self.alpha < 1, "KL": self.use_kl and self.alpha > 0,
+                  "distribution term": self.beta > 0 and self.distribution_term != "none"}
+        if not any(active.values()):
+            raise SinkdError(
+                f"every loss term is off (alpha={self.alpha}, use_ce={self.use_ce}, use_kl={self.use_kl}, "
+                f"beta={self.beta}, distribution_term={self.distribution_term!r}) — enable at least one")
+
+
+@dataclass
+class TrainConfig(ValidatedConfig):
+    """How one distillation (or teacher fine-tuning) run trains: models, data, optimiser, workers.
+
+    The objective's own hyper-parameters (α, β, τ, λ, T, b) live in :class:`DistillConfig`.
+    """
+
+    task: str = field(default="cola", metadata={"help": "task name: cola, sst2, mrpc, qqp, mnli, qnli, rte, superglue-rte, cb"})
+    student: str | None = field(default=None, metadata={"help": "student: checkpoint dir or hub id; with --student-layers, the pretrained model whose first k layers start the student", "metavar": "PATH"})
+    student_layers: int | None = field(default=None, metadata={"help": "keep only the first k transformer layers of --student (the usual student initialisation)", "metavar": "K"})
+    teacher: str | None = field(default=None, metadata={"help": "fine-tuned teacher: checkpoint dir or hub id (omit for CE-only training)", "metavar": "PATH"})
+    family: str | None = field(default=None, metadata={"help": "model family, detected from the config when omitted", "choices": FAMILIES})
+    logit_space: str = field(default="label", metadata={"help": "generative families: distil label-word logits ('label') or the full next-token distribution ('vocab')", "choices": ("label", "vocab")})
+    data_dir: str | None = field(default=None, metadata={"help": "local GLUE/SuperGLUE copy in the original formats (else $SINKD_DATA_DIR, else the hub)", "metavar": "DIR"})
+    max_length: int = field(default=128, metadata={"help": "maximum tokens per example (longer inputs are truncated)"})
+    epochs: int = field(default=3, metadata={"help": "training epochs"})
+    lr: float = field(default=5e-5, metadata={"help": "peak AdamW learning rate (linear warm-up, then linear decay to 0)"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of optimiser steps spent warming up"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
+    grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches of b per optimiser step (Sinkhorn couples samples within each micro-batch)"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for model forward passes (losses always run in float32)"})
+    eval_batch_size: int = field(default=64, metadata={"help": "examples per worker per evaluation batch"})
+    eval_every_steps: int = field(default=0, metadata={"help": "evaluate, report and checkpoint every N optimiser steps (0: once per epoch)"})
+    seed: int = field(default=42, metadata={"help": "seed for weights of new heads, data order and dropout"})
+    workers: int = field(default=1, metadata={"help": "data-parallel FSDP workers per run; the batch b is split across them"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker"})
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per worker (fractions let small students share a GPU)"})
+    teacher_source: str = field(default="cache", metadata={"help": "'cache': teacher logits computed once and reused; 'live': teacher forward every step", "choices": ("cache", "live")})
+    teacher_quantization: str | None = field(default=None, metadata={"help": "load the teacher in 8-bit or 4-bit with bitsandbytes", "choices": ("8bit", "4bit")})
+    max_train_examples: int | None = field(default=None, metadata={"help": "use only the first N training examples (quick runs)", "metavar": "N"})
+    max_eval_examples: int | None = field(default=None, metadata={"help": "use only the first N dev examples (quick runs)", "metavar": "N"})
+    checkpoints_to_keep: int = field(default=1, metadata={"help": "best checkpoints kept per run (by the dev metric)"})
+    max_failures: int = field(default=2, metadata={"help": "worker crashes survived by restarting from the last checkpoint"})
+    fault_at_step: int | None = field(default=None, metadata={"help": "testing only: raise in the workers at this optimiser step unless resumed", "metavar": "STEP"})
+
+    def __post_init__(self) -> None:
+        _check_number("max_length", self.max_length, 8, integer=True)
+        _check_number("epochs", self.epochs, 1, integer=True)
+        _check_number("lr", self.lr, 0.0, low_open=True)
+        _check_number("warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
+        _check_number("weight_decay", self.weight_decay, 0.0)
+        _check_number("max_grad_norm", self.max_grad_norm, 0.0)
+        _check_number("grad_accum_steps", self.grad_accum_steps, 1, integer=True)
+        _check_number("eval_batch_size", self.eval_batch_size, 1, integer=True)
+        _check_number("eval_every_steps", self.eval_every_steps, 0, integer=True)
+        _check_number("workers", self.workers, 1, integer=True)
+        _check_number("cpus_per_worker", self.cpus_per_worker, 0.0, low_open=True)
+        _check_number("gpus_per_worker", self.gpus_per_worker, 0.0)
+        _check_number("checkpoints_to_keep", self.checkpoints_to_keep, 1, integer=True)
+        _check_number("max_failures", self.max_failures, 0, integer=True)
+        for name in ("student_layers", "max_train_examples", "max_eval_examples", "fault_at_step"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), 1, integer=True)
+        _check_choice("family", self.family, (None, *FAMILIES))
+        _check_choice("logit_space", self.logit_space, ("label", "vocab"))
+        _check_choice("teacher_source", self.teacher_source, ("cache", "live"))
+        _check_choice("teacher_quantization", self.teacher_quantization, (None, "8bit", "4bit"))
+        _check_bool("bf16", self.bf16)

@@ -1,0 +1,556 @@
+"""SinKD objective: Sinkhorn distance between teacher and student class distributions, the KL family, and CE.
+
+Notation (Cui et al. 2024, arXiv 2402.17110): a batch of b samples over d classes,
+teacher probabilities t_i = softmax(z_T,i / τ) and student probabilities s_i = softmax(z_S,i / τ), both (b × d).
+
+    L = (1 − α)·CE(y, s) + α·KL_τKL(t ‖ s) + β·L_SD                            (paper, Sec. 3)
+    L_SD = ⟨P, C⟩,  C_ij = ‖s_i − t_j‖_p,  P = Sinkhorn(exp(−C/λ), T iterations)  (Eq. 13–18)
+
+Everything here is pure torch (no Ray, no transformers) and always computes in float32, or float64 when the
+inputs are float64, whatever the model's dtype: fp16 underflows below e^−17 and bf16 keeps ~3 significant
+digits, both too coarse for T multiplicative normalisations of exp(−C/λ).
+
+What the authors' released code does (github.com/2018cx/SinKD: ``loss.py`` class ``Sinkhorn`` at commit
+eb4b3da; ``GPT-Neo/lossd.py`` and ``T0/lossd.py`` are the same with 0.0008, and the GLUE revision 2b91a8e
+(class ``saliency_mse``) with 0.0008·20/8; ``glue_train.py`` adds it as ``loss += beta * sinkhorn`` to
+``alpha * kd + (1 - alpha) * ce``, and ``script/student/*.sh`` pass alpha 0.9, beta 0.8, temperature 1.0)::
+
+    Wxy = torch.cdist(p_s, p_t, p=1)              # rows = student, columns = teacher
+    K = torch.exp(-Wxy / 0.1)
+    for _ in range(20):                           # rows then columns, each to sum 1 ("unit marginals")
+        K = K / K.sum(1, keepdim=True); K = K / K.sum(0, keepdim=True)
+    loss = 0.001 * torch.sum(K * Wxy)              # plan mass b: the term grows with the batch size
+
+We keep the same orientation (rows = student), iteration order (rows first) and count, so ``mass="batch",
+scale=0.001`` (``SINKHORN_PRESETS["released"]``) reproduces those numbers; the default ``mass="unit"``
+divides the plan by b so that β means the same at every batch size. ``released_sinkhorn_reference`` is that
+algorithm, kept as the reference for the tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from sinkd_ray.errors import SinkdError
+
+if TYPE_CHECKING:  # the config imports the option sets below, so only import it for type checkers
+    from sinkd_ray.config import DistillConfig
+
+SINKHORN_VARIANTS = ("batch", "sample", "flat")
+SINKHORN_MASSES = ("unit", "batch")
+SINKHORN_GRADS = ("unrolled", "envelope")
+SINKHORN_DOMAINS = ("auto", "exp", "log")
+DISTRIBUTION_TERMS = ("sinkhorn", "rkl", "js", "tvd", "none")
+
+# Named weightings of the Sinkhorn term: "unit" (plan mass 1, this project's default) and "released"
+# (unit marginals so the plan has mass b, times 0.001 — the authors' GLUE code, see the module docstring).
+SINKHORN_PRESETS: dict[str, dict[str, object]] = {
+    "unit": {"mass": "unit", "scale": 1.0},
+    "released": {"mass": "batch", "scale": 0.001},
+}
+
+# Largest cost matrix (elements, summed over problems) a Sinkhorn call accepts: 2**27 float32 = 512 MiB,
+# and the backward pass holds about three such matrices at once. Bigger requests raise a SinkdError.
+SINKHORN_MAX_COST_ELEMENTS = 2**27
+
+# Exp-domain (scaling-vector) iterations are used while spread = max over problems of (max C − min C)/λ
+# stays at or below this, the log domain above it. Decided by measurement (`python benchmarks/bench_sinkhorn.py
+# --domains`: T = 20, b = 64, exp domain vs a float64 log-domain reference, hardest case = one student far
+# from every teacher, i.e. a whole row of K near exp(−spread)): float32 stays accurate (value ≤ 2e-7,
+# gradient ≤ 1e-5 relative) up to spread 90 and gives inf/NaN from 100 on (that row of K leaves the float32
+# range, e^−103); float64 is accurate up to 750 and breaks by 800. We switch at about half the breaking point.
+# The exp domain is much faster (2 CPU cores, forward + backward: b = 1024 0.025 s vs 0.19 s, b = 4096
+# 0.60 s vs 7.3 s); the paper's setting (probabilities, p = 1 so C ≤ 2, λ = 0.1 → spread ≤ 20) always runs
+# in it, and λ = 0.005 (spread up to 400) runs in the log domain and stays finite.
+EXP_DOMAIN_MAX_SPREAD = {torch.float32: 50.0, torch.float64: 350.0}
+
+
+# --------------------------------------------------------------------------------------------------
+# Sinkhorn iterations (no autograd) and the hand-written reverse pass through them
+# --------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Cast to float32, or keep float64: bf16/fp16 underflow in exp(−C/λ)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _mv(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """Batched matrix–vector product: (..., n, m) @ (..., m) -> (..., n)."""
+    if matrix.dim() == 2:
+        return torch.mv(matrix, vector)
+    return torch.matmul(matrix, vector.unsqueeze(-1)).squeeze(-1)
+
+
+def _exp_domain_scalings(cost: torch.Tensor, lam: float, n_iters: int):
+    """Scaling vectors of T Sinkhorn iterations with marginals 1/n (rows) and 1/m (columns).
+
+    K = exp(−(C − min C)/λ) (the shift only rescales u), v_0 = 1, and for t = 1..T
+        u_t = (1/n) / (K v_{t−1}),   v_t = (1/m) / (Kᵀ u_t);     P = diag(u_T) K diag(v_T).
+    Shapes: cost (..., n, m) -> K (..., n, m), us (T, ..., n) = u_1..u_T, vs (T+1, ..., m) = v_0..v_T.
+    """
+    n, m = cost.shape[-2:]
+    kernel = torch.exp((cost.amin(dim=(-2, -1), keepdim=True) - cost) / lam)
+    v = torch.ones(cost.shape[:-2] + (m,), dtype=cost.dtype, device=cost.device)
+    us, vs = [], [v]
+    kernel_t = kernel.transpose(-2, -1)
+    for _ in range(n_iters):
+        u = _mv(kernel, v).reciprocal_().mul_(1.0 / n)
+        v = _mv(kernel_t, u).reciprocal_().mul_(1.0 / m)
+        us.append(u)
+        vs.append(v)
+    return kernel, torch.stack(us), torch.stack(vs)
+
+
+def _log_domain_potentials(cost: torch.Tensor, lam: float, n_iters: int):
+    """Log scalings a_t = log u_t, b_t = log v_t of the same iterations, computed with log-sum-exp.
+
+        a_t = −log n − LSE_j(b_{t−1,j} − C_ij/λ),   b_t = −log m − LSE_i(a_t,i − C_ij/λ),   b_0 = 0;
+        P_ij = exp(a_T,i + b_T,j − C_ij/λ).
+    Shapes: cost (..., n, m) -> alphas (T, ..., n), betas (T+1, ..., m).
+    """
+    n, m = cost.shape[-2:]
+    neg_cost = -cost / lam
+    beta = torch.zeros(cost.shape[:-2] + (m,), dtype=cost.dtype, device=cost.device)
+    alphas, betas = [], [beta]
+    for _ in range(n_iters):
+        alpha = -math.log(n) - torch.logsumexp(neg_cost + beta.unsqueeze(-2), dim=-1)
+        beta = -math.log(m) - torch.logsumexp(neg_cost + alpha.unsqueeze(-1), dim=-2)
+        alphas.append(alpha)
+        betas.append(beta)
+    return torch.stack(alphas), torch.stack(betas)
+
+
+def _choose_domain(cost: torch.Tensor, lam: float, domain: str) -> str:
+    if domain != "auto":
+        return domain
+    spread = ((cost.amax(dim=(-2, -1)) - cost.amin(dim=(-2, -1))).max() / lam).item()
+    return "exp" if spread <= EXP_DOMAIN_MAX_SPREAD[cost.dtype] else "log"
+
+
+def _plan(cost: torch.Tensor, lam: float, n_iters: int, domain: str) -> torch.Tensor:
+    """P (..., n, m) after T iterations, marginals 1/n and 1/m (plan mass 1); no autograd."""
+    if domain == "exp":
+        kernel, us, vs = _exp_domain_scalings(cost, lam, n_iters)
+        return us[-1].unsqueeze(-1) * kernel * vs[-1].unsqueeze(-2)
+    alphas, betas = _log_domain_potentials(cost, lam, n_iters)
+    return torch.exp(alphas[-1].unsqueeze(-1) + betas[-1].unsqueeze(-2) - cost / lam)
+
+
+def _exp_domain_backward(cost, us, vs, lam):
+    """∂⟨P, C⟩/∂C for the exp-domain iterations, by reverse-mode through them (recomputing K).
+
+    With a = log u, b = log v, Q^t = m·diag(u_t) K diag(v_t) and R^t = n·diag(u_t) K diag(v_{t−1}):
+        ā = (P∘C)1, b̄ = (P∘C)ᵀ1, C̄ = P∘(1 − C/λ); for t = T..1:
+            C̄ += Q^t∘(1 b̄ᵀ)/λ,  ā −= Q^t b̄,  C̄ += R^t∘(ā 1ᵀ)/λ,  b̄ = −R^tᵀ ā,  ā = 0.
+    All Q^t, R^t are K times a rank-one matrix, so C̄ = (K/λ)∘(A Bᵀ − (u_T v_Tᵀ)∘C) with A (n × 2T+1)
+    and B (m × 2T+1): memory O(nm + T(n+m)) and one matmul instead of 2T full-size updates.
+    """
+    n, m = cost.shape[-2:]
+    kernel = torch.exp((cost.amin(dim=(-2, -1), keepdim=True) - cost) / lam)
+    kernel_t = kernel.transpose(-2, -1)
+    u_last, v_last = us[-1], vs[-1]
+    kernel_cost = kernel * cost
+    alpha_bar = u_last * _mv(kernel_cost, v_last)
+    beta_bar = v_last * _mv(kernel_cost.transpose(-2, -1), u_last)
+    del kernel_cost
+    n_iters = us.shape[0]
+    qs, rs = [], []  # q_t = v_t ∘ b̄_t and r_t = u_t ∘ ā_t, from t = T down to 1
+    for t in range(n_iters - 1, -1, -1):
+        u, v, v_prev = us[t], vs[t + 1], vs[t]
+        q = v * beta_bar
+        step = _mv(kernel, q).mul_(u).mul_(m)  # Q^t b̄
+        alpha_bar = alpha_bar.sub_(step) if t == n_iters - 1 else step.neg_()
+        r = alpha_bar.mul_(u)
+        beta_bar = _mv(kernel_t, r).mul_(v_prev).mul_(-n)
+        qs.append(q)
+        rs.append(r)
+    # A Bᵀ = λ u_T v_Tᵀ + m Σ_t u_t q_tᵀ + n Σ_t r_t v_{t−1}ᵀ; the first term is the P∘1 part (λ divided out below)
+    left = torch.cat([lam * u_last.unsqueeze(-1), m * torch.movedim(us.flip(0), 0, -1),
+                      n * torch.stack(rs, dim=-1)], dim=-1)
+    right = torch.cat([v_last.unsqueeze(-1), torch.stack(qs, dim=-1),
+                       torch.movedim(vs[:-1].flip(0), 0, -1)], dim=-1)
+    grad = torch.matmul(left, right.transpose(-2, -1))
+    grad.sub_((u_last.unsqueeze(-1) * v_last.unsqueeze(-2)).mul_(cost))
+    return grad.mul_(kernel).div_(lam)
+
+
+def _log_domain_backward(cost, alphas, betas, lam):
+    """Same reverse pass as ``_exp_domain_backward`` with Q^t, R^t formed from the log scalings.
+
+    Each step recomputes Q^t = m·exp(a_t 1ᵀ + 1 b_tᵀ − C/λ) and
+    R^t = n·exp(a_t 1ᵀ + 1 b_{t−1}ᵀ − C/λ) (entries ≤ 1, so no overflow whatever λ): 2T exponentials of the cost's size, memory O(nm + T(n+m)).
+    """
+    n, m = cost.shape[-2:]
+    neg_cost = -cost / lam
+    plan = torch.exp(alphas[-1].unsqueeze(-1) + betas[-1].unsqueeze(-2) + neg_cost)
+    plan_cost = plan * cost
+    alpha_bar, beta_bar = plan_cost.sum(-1), plan_cost.sum(-2)
+    grad = plan.sub_(plan_cost.div_(lam))
+    del plan_cost
+    for t in range(alphas.shape[0] - 1, -1, -1):
+        weighted = torch.exp(alphas[t].unsqueeze(-1) + betas[t + 1].unsqueeze(-2) + neg_cost)
+        weighted.mul_(m * beta_bar.unsqueeze(-2))  # Q^t ∘ (1 b̄ᵀ)
+        grad.add_(weighted, alpha=1.0 / lam)
+        alpha_bar = (alpha_bar if t == alphas.shape[0] - 1 else 0.0) - weighted.sum(-1)
+        weighted = torch.exp(alphas[t].unsqueeze(-1) + betas[t].unsqueeze(-2) + neg_cost)
+        weighted.mul_(n * alpha_bar.unsqueeze(-1))  # R^t ∘ (ā 1ᵀ)
+        grad.add_(weighted, alpha=1.0 / lam)
+        beta_bar = -weighted.sum(-2)
+    return grad
+
+
+class _UnrolledSinkhornCost(torch.autograd.Function):
+    """⟨P, C⟩ per problem with the gradient of the unrolled T iterations, saving only C and the scalings.
+
+    Plain autograd through the iterations saves one or two (n × m) tensors per iteration (the released code
+    about 2T+3 of them); here the backward recomputes K and runs the reverse pass by hand.
+    """
+
+    @staticmethod
+    def forward(ctx, cost, lam, n_iters, domain):
+        if domain == "exp":
+            kernel, us, vs = _exp_domain_scalings(cost, lam, n_iters)
+            value = (us[-1] * _mv(kernel * cost, vs[-1])).sum(-1)
+        else:
+            us, vs = _log_domain_potentials(cost, lam, n_iters)
+            plan = torch.exp(us[-1].unsqueeze(-1) + vs[-1].unsqueeze(-2) - cost / lam)
+            value = (plan * cost).sum(dim=(-2, -1))
+        ctx.save_for_backward(cost, us, vs)
+        ctx.lam, ctx.domain = lam, domain
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_value):
+        cost, us, vs = ctx.saved_tensors
+        backward = _exp_domain_backward if ctx.domain == "exp" else _log_domain_backward
+        grad_cost = backward(cost, us, vs, ctx.lam)
+        return grad_cost.mul_(grad_value.unsqueeze(-1).unsqueeze(-1)), None, None, None
+
+
+def _check_sinkhorn_args(lam, n_iters, mass, grad, domain, cost) -> None:
+    if cost.dim() < 2:
+        raise SinkdError(f"a cost matrix needs shape (..., n, m), got {tuple(cost.shape)}")
+    if mass == "batch" and cost.shape[-2] != cost.shape[-1]:
+        raise SinkdError(f"mass='batch' (unit marginals) needs a square cost, got {tuple(cost.shape)} — "
+                         f"use mass='unit'")
+    if not lam > 0:
+        raise SinkdError(f"sinkhorn lam={lam} must be > 0 — use e.g. 0.1 (the paper's λ)")
+    if int(n_iters) != n_iters or n_iters < 1:
+        raise SinkdError(f"sinkhorn n_iters={n_iters} must be an integer ≥ 1 — use e.g. 20 (the paper's T)")
+    for name, value, allowed in (("mass", mass, SINKHORN_MASSES), ("grad", grad, SINKHORN_GRADS),
+                                 ("domain", domain, SINKHORN_DOMAINS)):
+        if value not in allowed:
+            raise SinkdError(f"sinkhorn {name}={value!r} is not one of {list(allowed)}")
+
+
+def sinkhorn_plan(cost: torch.Tensor, lam: float = 0.1, n_iters: int = 20, *, mass: str = "unit",
+                  domain: str = "auto") -> torch.Tensor:
+    """Transport plan P after T Sinkhorn iterations with uniform marginals (not differentiated).
+
+    P = diag(u_T) exp(−C/λ) diag(v_T), rows normalised first then columns, T times (as the released code).
+    ``mass="unit"``: marginals 1/n and 1/m, Σ P = 1; ``mass="batch"``: unit marginals, Σ P = n (needs n = m).
+    Shapes: cost (..., n, m) -> P (..., n, m), float32 (float64 if cost is float64).
+    ``domain``: "exp" (scaling vectors), "log" (log-sum-exp) or "auto" (exp while (max C − min C)/λ ≤
+    ``EXP_DOMAIN_MAX_SPREAD``).
+    """
+    _check_sinkhorn_args(lam, n_iters, mass, "unrolled", domain, cost)
+    cost = _compute_dtype(cost.detach())
+    with torch.no_grad():
+        plan = _plan(cost, lam, int(n_iters), _choose_domain(cost, lam, domain))
+    return plan * cost.shape[-2] if mass == "batch" else plan
+
+
+def sinkhorn_cost(cost: torch.Tensor, lam: float = 0.1, n_iters: int = 20, *, mass: str = "unit",
+                  grad: str = "unrolled", domain: str = "auto") -> torch.Tensor:
+    """Sinkhorn transport cost ⟨P, C⟩ of each cost matrix, differentiable w.r.t. C (Eq. 18).
+
+    Shapes: cost (..., n, m) -> (...,), float32 (float64 if cost is float64).
+    ``mass``: "unit" (Σ P = 1) or "batch" (unit marginals, Σ P = n; the value is n times the unit one).
+    ``grad``:
+      - "unrolled" (default, the paper's loss): the exact gradient of the T-iteration computation, by a
+        hand-written reverse pass that saves only C and the 2T+1 scaling vectors (O(nm + T(n+m)) memory);
+      - "envelope" (opt-in, cheaper): the plan is treated as a constant, ∂/∂C = P. It is the gradient of
+        the converged problem, not of the T = 20 iterations: the student-logit gradient differs by 23–48 %
+        (relative L2 norm; b 16–256, d 2–50, τ_SD = 2, λ = 0.1; ``bench_sinkhorn.py --envelope``), so it
+        is never the default.
+    """
+    _check_sinkhorn_args(lam, n_iters, mass, grad, domain, cost)
+    cost = _compute_dtype(cost)
+    chosen = _choose_domain(cost.detach(), lam, domain)
+    if grad == "unrolled":
+        value = _UnrolledSinkhornCost.apply(cost, float(lam), int(n_iters), chosen)
+    else:
+        with torch.no_grad():
+            plan = _plan(cost.detach(), lam, int(n_iters), chosen)
+        value = (plan * cost).sum(dim=(-2, -1))
+    return value * cost.shape[-2] if mass == "batch" else value
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost matrices and the Sinkhorn loss on probabilities
+# --------------------------------------------------------------------------------------------------
+
+
+class _ChunkedCdist(torch.autograd.Function):
+    """torch.cdist forward with a backward that never holds more than ``chunk_elements`` of (n, m, d).
+
+    Why hand-written: on CUDA, torch's cdist backward allocates an (n, m, d) buffer (ATen
+    ``cdist_backward_kernel_impl``: ``at::empty({batch, r2, r1, m})``) — 13 GB at n = m = 256, d = 50257.
+    The CPU kernel accumulates in place and is used as is (measured: forward + backward at n = m = 256,
+    d = 50257 grows the peak RSS by 4 MiB natively, by 105 MiB with this chunked backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, p, chunk_elements):
+        dist = torch.cdist(x, y, p=p)
+        ctx.save_for_backward(x, y, dist)
+        ctx.p, ctx.chunk_elements = p, chunk_elements
+        return dist
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_dist):
+        x, y, dist = ctx.saved_tensors
+        p = ctx.p
+        need_x, need_y = ctx.needs_input_grad[:2]
+        grad_x, grad_y = torch.zeros_like(x) if need_x else None, torch.zeros_like(y) if need_y else None
+        rows = max(1, ctx.chunk_elements // max(1, y.shape[0] * y.shape[1]))
+        for start in range(0, x.shape[0], rows):
+            stop = min(start + rows, x.shape[0])
+            diff = x[start:stop].unsqueeze(1) - y.unsqueeze(0)  # (rows, m, d)
+            g = grad_dist[start:stop]
+            if p == 1:
+                weight = diff.sign_()
+            else:  # ∂‖x − y‖_p/∂x = sign(x − y)|x − y|^(p−1) / ‖x − y‖_p^(p−1); 0 where the distance is 0
+                denom = dist[start:stop].pow(p - 1).unsqueeze(-1)
+                weight = diff.sign() * diff.abs().pow(p - 1) / denom.where(denom > 0, torch.ones_like(denom))
+            if need_x:
+                grad_x[start:stop] = torch.einsum("ij,ijk->ik", g, weight)
+            if need_y:
+                grad_y -= torch.einsum("ij,ijk->jk", g, weight)
+        return grad_x, grad_y, None, None
+
+
+def pairwise_distance(x: torch.Tensor, y: torch.Tensor, p: float = 1.0, *, chunked: bool | None = None,
+                      chunk_elements: int = 2**24) -> torch.Tensor:
+    """D_ij = ‖x_i − y_j‖_p for x (n × d), y (m × d) -> (n × m), never materialising (n, m, d) at once.
+
+    ``chunked=None`` picks torch.cdist's own backward on the CPU (in place, no buffer) and the chunked
+    backward elsewhere (CUDA's cdist backward allocates n·m·d); pass True/False to force either.
+    """
+    if chunked is None:
+        chunked = x.device.type != "cpu"
+    if not chunked:
+        return torch.cdist(x, y, p=p)
+    return _ChunkedCdist.apply(x, y, float(p), int(chunk_elements))
+
+
+def _check_cost_size(elements: int, max_elements: int, what: str) -> None:
+    if elements > max_elements:
+        raise SinkdError(
+            f"the {what} needs a cost of {elements:,} elements, over the limit of {max_elements:,} — "
+            f"use sinkhorn_variant='batch', a smaller batch, or raise sinkhorn_max_cost_elements if memory allows")
+
+
+def sinkhorn_loss(teacher_probs: torch.Tensor, student_probs: torch.Tensor, *, lam: float = 0.1,
+                  n_iters: int = 20, p: float = 1.0, variant: str = "batch", mass: str = "unit",
+                  scale: float = 1.0, grad: str = "unrolled", domain: str = "auto",
+                  max_cost_elements: int = SINKHORN_MAX_COST_ELEMENTS) -> torch.Tensor:
+    """Sinkhorn distance between teacher and student probabilities, a scalar (float32 or float64).
+
+    Inputs t = teacher_probs, s = student_probs, both (b × d), rows on the simplex (softmax(z/τ_SD)).
+    Every cost matrix has the student on the rows (the released code's cdist(p_s, p_t); the paper's D is
+    its transpose), uniform marginals, T iterations rows-then-columns:
+      - "batch" (Eq. 13–18): one (b × b) problem, C_ij = ‖s_i − t_j‖_p;  loss = ⟨P, C⟩.
+      - "sample" (Eq. 10–12): b problems (d × d), C^i_mn = |s_i(m) − t_i(n)|; loss = mean_i ⟨P^i, C^i⟩.
+        O(b·d²) memory.
+      - "flat" (Eq. 20): one (bd × bd) problem over all entries, C_(i,m),(j,n) = |s_i(m) − t_j(n)|.
+        O((bd)²) memory.
+    ``mass="unit"`` (default): plan mass 1 (sample: mean over samples), so the loss does not change when the
+    batch is duplicated and β means the same at every b. ``mass="batch"``: unit marginals as the released
+    code (plan mass b; sample: mass d per problem, summed over samples), so the term grows with b.
+    The result is multiplied by ``scale`` (``SINKHORN_PRESETS["released"]``: mass="batch", scale=0.001).
+    ``grad``: "unrolled" (default, gradient through the T iterations) or "envelope" (opt-in: plan held
+    constant; a 23–48 % different gradient at λ = 0.1) — see ``sinkhorn_cost``.
+    Raises SinkdError when the cost would exceed ``max_cost_elements`` instead of running out of memory.
+    """
+    if variant not in SINKHORN_VARIANTS:
+        raise SinkdError(f"sinkhorn variant={variant!r} is not one of {list(SINKHORN_VARIANTS)}")
+    if teacher_probs.shape != student_probs.shape or teacher_probs.dim() != 2:
+        raise SinkdError(f"teacher and student probabilities must both be (b × d), got "
+                         f"{tuple(teacher_probs.shape)} and {tuple(student_probs.shape)}")
+    if not (p >= 1 and math.isfinite(p)):
+        raise SinkdError(f"sinkhorn p={p} must be a finite number ≥ 1 — use 1 (the paper's L1 cost)")
+    teacher, student = _compute_dtype(teacher_probs), _compute_dtype(student_probs)
+    b, d = student.shape
+    if variant == "batch":
+        _check_cost_size(b * b, max_cost_elements, f"batch-wise Sinkhorn at b={b}")
+        cost = pairwise_distance(student, teacher, p)  # (b, b)
+        value = sinkhorn_cost(cost, lam, n_iters, mass=mass, grad=grad, domain=domain)
+    elif variant == "sample":
+        _check_cost_size(b * d * d, max_cost_elements, f"sample-wise Sinkhorn at b={b}, d={d}")
+        cost = (student.unsqueeze(-1) - teacher.unsqueeze(-2)).abs()  # (b, d, d)
+        per_sample = sinkhorn_cost(cost, lam, n_iters, mass=mass, grad=grad, domain=domain)
+        value = per_sample.mean() if mass == "unit" else per_sample.sum()
+    else:
+        _check_cost_size((b * d) ** 2, max_cost_elements, f"flattened Sinkhorn at b={b}, d={d}")
+        cost = (student.reshape(-1, 1) - teacher.reshape(1, -1)).abs()  # (bd, bd)
+        value = sinkhorn_cost(cost, lam, n_iters, mass=mass, grad=grad, domain=domain)
+    return value * scale
+
+
+def released_sinkhorn_reference(teacher_probs: torch.Tensor, student_probs: torch.Tensor, *,
+                                lam: float = 0.1, n_iters: int = 20, scale: float = 0.001) -> torch.Tensor:
+    """The authors' released batch-wise Sinkhorn loss, verbatim in algorithm (reference for tests/benchmarks).
+
+    W = cdist(s, t, p=1), K = exp(−W/λ), T × (normalise rows, then columns) on the full (b × b) matrix, with
+    autograd through every step (it saves ~2T+3 (b × b) tensors); returns scale·Σ P∘W. Exp domain in the
+    input dtype: NaN once W/λ leaves the float range. Not for training — use ``sinkhorn_loss``.
+    """
+    wxy = torch.cdist(student_probs, teacher_probs, p=1)
+    plan = torch.exp(-wxy / lam)
+    for _ in range(n_iters):
+        plan = plan / torch.sum(plan, dim=1, keepdim=True)
+        plan = plan / torch.sum(plan, dim=0, keepdim=True)
+    return scale * torch.sum(plan * wxy)
+
+
+# --------------------------------------------------------------------------------------------------
+# Divergences with temperature (all: mean over the batch of a per-sample sum over classes)
+# --------------------------------------------------------------------------------------------------
+
+
+def _log_probs(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """log softmax(z/τ) in float32 (float64 kept), leading dims flattened: (..., d) -> (N, d)."""
+    if not tau > 0:
+        raise SinkdError(f"temperature tau={tau} must be > 0")
+    logits = _compute_dtype(logits)
+    return F.log_softmax(logits.reshape(-1, logits.shape[-1]) / tau, dim=-1)
+
+
+def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0, *,
+       tau_squared: bool = True) -> torch.Tensor:
+    """Forward KL  τ²·(1/N) Σ_i Σ_c t_ic (log t_ic − log s_ic),  t = softmax(z_T/τ), s = softmax(z_S/τ).
+
+    Logits (..., d), all leading dims are samples (N of them). τ² (Hinton et al.) keeps the gradient scale
+    independent of τ; ``tau_squared=False`` drops it. The released code uses the cross-entropy −Σ t log s
+    (same gradient, differs by the teacher's entropy) without τ², at τ = 1 where both agree up to it.
+    """
+    log_s, log_t = _log_probs(student_logits, tau), _log_probs(teacher_logits, tau)
+    value = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
+    return value * tau**2 if tau_squared else value
+
+
+def rkl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Reverse KL  (1/N) Σ_i Σ_c s_ic (log s_ic − log t_ic)  at temperature τ. Logits (..., d)."""
+    log_s, log_t = _log_probs(student_logits, tau), _log_probs(teacher_logits, tau)
+    return F.kl_div(log_t, log_s, reduction="batchmean", log_target=True)
+
+
+def js(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Jensen–Shannon  (1/N) Σ_i [½ KL(t_i ‖ m_i) + ½ KL(s_i ‖ m_i)],  m = (t + s)/2;  in [0, log 2]."""
+    log_s, log_t = _log_probs(student_logits, tau), _log_probs(teacher_logits, tau)
+    log_m = torch.logaddexp(log_s, log_t) - math.log(2.0)
+    return 0.5 * (F.kl_div(log_m, log_t, reduction="batchmean", log_target=True)
+                  + F.kl_div(log_m, log_s, reduction="batchmean", log_target=True))
+
+
+def tvd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Total variation  (1/N) Σ_i ½ Σ_c |t_ic − s_ic|  at temperature τ;  in [0, 1]."""
+    log_s, log_t = _log_probs(student_logits, tau), _log_probs(teacher_logits, tau)
+    return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(-1).mean()
+
+
+def ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the gold labels, mean over samples (labels == -100 ignored). Logits (..., d)."""
+    logits = _compute_dtype(student_logits)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+# --------------------------------------------------------------------------------------------------
+# The combined objective
+# --------------------------------------------------------------------------------------------------
+
+
+def objective_weights(cfg: DistillConfig) -> dict[str, float]:
+    """Weights of the three terms: total = w_ce·CE + w_kl·KL + w_sd·SD.
+
+    w_ce = (1 − α) if use_ce else 0;  w_kl = α if use_kl else 0;  w_sd = β unless distribution_term="none".
+    The paper's ablation rows as settings:
+      SinKD (CE + KL + SD)            defaults (α = 0.9, β = 0.8, distribution_term="sinkhorn")
+      w/o SD (= vanilla KD, CE + KL)  distribution_term="none" (or β = 0)
+      CE + SD (w/o KL)                α = 0           (total = CE + β·SD)
+      KD + SD (w/o CE)                α = 1           (total = KL + β·SD)
+      w/o CE / w/o KL, weights kept   use_ce=False / use_kl=False (the other weights are not renormalised)
+      Sinkhorn → RKL / JS / TVD       distribution_term="rkl" / "js" / "tvd" (at τ_SD, weight β)
+      batch / sample-wise / flat      sinkhorn_variant="batch" / "sample" / "flat"
+    """
+    return {
+        "ce": (1.0 - cfg.alpha) if cfg.use_ce else 0.0,
+        "kl": cfg.alpha if cfg.use_kl else 0.0,
+        "sd": cfg.beta if cfg.distribution_term != "none" else 0.0,
+    }
+
+
+def distribution_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: DistillConfig,
+                      gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The β-weighted term: Sinkhorn (batch / sample / flat) or its RKL / JS / TVD replacement, at τ_SD."""
+    kind = cfg.distribution_term
+    if kind in ("rkl", "js", "tvd"):
+        return {"rkl": rkl, "js": js, "tvd": tvd}[kind](student_logits, teacher_logits, cfg.tau_sd)
+    teacher = F.softmax(_compute_dtype(teacher_logits) / cfg.tau_sd, dim=-1)
+    student = F.softmax(_compute_dtype(student_logits) / cfg.tau_sd, dim=-1)
+    if gather is not None and cfg.sinkhorn_variant in ("batch", "flat"):
+        teacher, student = gather(teacher), gather(student)
+    return sinkhorn_loss(teacher, student, lam=cfg.sinkhorn_lambda, n_iters=cfg.sinkhorn_iters,
+                         p=cfg.sinkhorn_p, variant=cfg.sinkhorn_variant, mass=cfg.sinkhorn_mass,
+                         scale=cfg.sinkhorn_scale, grad=cfg.sinkhorn_grad,
+                         max_cost_elements=cfg.sinkhorn_max_cost_elements)
+
+
+def sinkd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
+                    cfg: DistillConfig, gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SinKD loss  (1 − α)·CE(y, s) + α·KL_τKL(t ‖ s) + β·L_SD  and its detached components.
+
+    Shapes: student_logits, teacher_logits (b × d) class logits (any dtype; computed in float32), labels (b,)
+    class indices (may be None when the CE term is off). teacher_logits may be None when only CE is on
+    (teacher fine-tuning, the CE-only baseline).
+    Returns (total, {"ce", "kl", "sd", "total"}): raw term values as detached 0-dim tensors (no host sync;
+    call .item() when logging); a term whose weight is 0 is not computed and reads 0. Weights and the
+    paper's ablation rows: ``objective_weights``. The teacher logits are detached.
+
+    ``gather``: optional differentiable all-gather, (b_local × d) -> (b_global × d) across data-parallel
+    workers. When given, the batch / flat Sinkhorn runs on the gathered teacher and student probabilities,
+    so W workers × b/W couple like one worker × b; CE, KL, RKL/JS/TVD and the sample-wise Sinkhorn stay
+    local means. Its backward must sum the incoming gradients over ranks, as
+    ``lambda x: torch.cat(torch.distributed.nn.functional.all_gather(x))`` does: every worker then holds
+    W·∂L_SD/∂s_local, and the data-parallel gradient averaging divides by W — the same gradient as one
+    worker with the global batch (checked with 2 gloo processes in tests/test_losses.py).
+    """
+    weights = objective_weights(cfg)
+    if teacher_logits is None:
+        if weights["kl"] or weights["sd"]:
+            raise SinkdError("no teacher logits, but the objective has a KL or distribution term — give a "
+                             "teacher, or set alpha=0 and beta=0 for CE only")
+    else:
+        teacher_logits = teacher_logits.detach()  # the teacher is frozen, also when it runs live
+    zero = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+    terms = {"ce": zero, "kl": zero, "sd": zero}
+    if weights["ce"] != 0.0:
+        terms["ce"] = ce(student_logits, labels)
+    if weights["kl"] != 0.0:
+        terms["kl"] = kl(student_logits, teacher_logits, cfg.tau_kl, tau_squared=cfg.kl_tau_squared)
+    if weights["sd"] != 0.0:
+        terms["sd"] = distribution_term(student_logits, teacher_logits, cfg, gather)
+    total = weights["ce"] * terms["ce"] + weights["kl"] * terms["kl"] + weights["sd"] * terms["sd"]
+    components = {name: value.detach() for name, value in terms.items()}
+    components["total"] = total.detach()
+    return total, components

@@ -1,0 +1,426 @@
+"""SinKD losses: Sinkhorn vs POT and exact EMD, the hand-written backward, numerics, scale semantics,
+divergences, and the combined objective with its ablation switches."""
+
+import inspect
+import math
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from sinkd_ray.config import DistillConfig
+from sinkd_ray.errors import SinkdError
+from sinkd_ray.losses import (
+    SINKHORN_PRESETS,
+    ce,
+    js,
+    kl,
+    objective_weights,
+    pairwise_distance,
+    released_sinkhorn_reference,
+    rkl,
+    sinkd_objective,
+    sinkhorn_cost,
+    sinkhorn_loss,
+    sinkhorn_plan,
+    tvd,
+)
+
+ot = pytest.importorskip("ot")  # POT: the independent optimal-transport reference
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These problems are tiny: on a shared 2-core machine intra-op threads only add contention (3× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_probs(b, d, seed, dtype=torch.float64, sharpness=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(b, d, generator=g, dtype=torch.float64) * sharpness, -1).to(dtype)
+
+
+def cost_matrices(t, s, variant):
+    """The variants' cost matrices in numpy, independently of the package: (problems, n, m), student on rows."""
+    t, s = t.double().numpy(), s.double().numpy()
+    if variant == "batch":
+        return np.abs(s[:, None, :] - t[None, :, :]).sum(-1)[None]
+    if variant == "sample":
+        return np.abs(s[:, :, None] - t[:, None, :])
+    return np.abs(s.reshape(-1, 1) - t.reshape(1, -1))[None]
+
+
+def pot_plan(cost, lam, n_iters):
+    """POT's sinkhorn_knopp updates columns (v) then rows (u); ours rows then columns: solve the transpose."""
+    n, m = cost.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Sinkhorn did not converge": we ask for exactly T iterations
+        return ot.sinkhorn(np.full(m, 1 / m), np.full(n, 1 / n), cost.T, lam, numItermax=n_iters, stopThr=0).T
+
+
+def pot_cost(cost, lam, n_iters):
+    n, m = cost.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(ot.sinkhorn2(np.full(m, 1 / m), np.full(n, 1 / n), cost.T, lam, numItermax=n_iters,
+                                  stopThr=0))
+
+
+def unrolled_autograd_cost(cost, lam, n_iters):
+    """Plain autograd through the exp-domain iterations: the reference for the hand-written backward."""
+    n, m = cost.shape[-2:]
+    kernel = torch.exp(-cost / lam)
+    v = torch.ones(cost.shape[:-2] + (m,), dtype=cost.dtype)
+    for _ in range(n_iters):
+        u = (1 / n) / (kernel @ v.unsqueeze(-1)).squeeze(-1)
+        v = (1 / m) / (kernel.transpose(-2, -1) @ u.unsqueeze(-1)).squeeze(-1)
+    return (u.unsqueeze(-1) * kernel * v.unsqueeze(-2) * cost).sum((-2, -1))
+
+
+# ------------------------------------------------------------------ Sinkhorn vs POT and exact EMD
+
+
+@pytest.mark.parametrize("variant", ["batch", "sample", "flat"])
+@pytest.mark.parametrize("b,d", [(b, d) for b in (4, 16, 64) for d in (2, 3, 50)])
+# float64 tolerance tighter than the 1e-5 asked for: one iteration more or less already differs by ~1e-3
+# at b = 16 and 64 (b = 4 converges within 20 iterations, so there the check is on the fixed point only)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("domain", ["auto", "log"])
+def test_plan_and_loss_match_pot(variant, b, d, dtype, tol, domain):
+    if domain == "log" and variant == "flat" and b * d > 1000:
+        pytest.skip("the log domain on a 3200 × 3200 problem takes ~15 s; the exp domain covers this size")
+    lam, n_iters = 0.1, 20
+    t, s = random_probs(b, d, seed=b * 100 + d, dtype=dtype), random_probs(b, d, seed=b * 100 + d + 1, dtype=dtype)
+    costs = cost_matrices(t, s, variant)
+    ours_plans = sinkhorn_plan(torch.from_numpy(costs).to(dtype), lam, n_iters, domain=domain)
+    assert ours_plans.dtype == dtype
+    pot_values = []
+    for cost, ours in zip(costs, ours_plans):
+        ref = pot_plan(cost, lam, n_iters)
+        assert np.abs(ours.double().numpy() - ref).max() / np.abs(ref).max() <= tol
+        pot_values.append(pot_cost(cost, lam, n_iters))
+    expected = np.mean(pot_values)  # unit mass: batch/flat one problem, sample-wise the mean over samples
+    loss = sinkhorn_loss(t, s, lam=lam, n_iters=n_iters, variant=variant, domain=domain)
+    assert abs(loss.item() - expected) / expected <= tol
+
+
+def test_converges_to_exact_emd_as_lambda_goes_to_zero():
+    t, s = random_probs(6, 3, seed=1), random_probs(6, 3, seed=2)
+    cost = torch.cdist(s, t, p=1)
+    exact = ot.emd2(np.full(6, 1 / 6), np.full(6, 1 / 6), cost.numpy())
+    gaps = [sinkhorn_cost(cost, lam, 4000).item() - exact for lam in (0.05, 0.01, 0.002)]
+    assert gaps[0] > gaps[1] > gaps[2] >= -1e-9  # entropic cost decreases to the EMD from above
+    assert gaps[2] / exact < 1e-3
+
+
+def test_released_preset_reproduces_released_algorithm():
+    """mass="batch", scale=0.001 equals the authors' code in value and (unrolled) gradient."""
+    t = random_probs(32, 3, seed=3)
+    s_logits = torch.randn(32, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    ours = sinkhorn_loss(t, torch.softmax(s_logits, -1), **SINKHORN_PRESETS["released"])
+    (grad_ours,) = torch.autograd.grad(ours, s_logits)
+    released = released_sinkhorn_reference(t, torch.softmax(s_logits, -1))
+    (grad_released,) = torch.autograd.grad(released, s_logits)
+    assert ours.item() == pytest.approx(released.item(), rel=1e-12)
+    assert torch.allclose(grad_ours, grad_released, rtol=1e-9, atol=1e-15)
+
+
+# ------------------------------------------------------------------ the hand-written backward
+
+
+@pytest.mark.parametrize("domain", ["exp", "log"])
+def test_gradcheck_custom_backward(domain):
+    cost = torch.rand(3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c: sinkhorn_cost(c, 0.2, 6, domain=domain), (cost,))
+    probs = random_probs(5, 3, seed=5).requires_grad_()
+    teacher = random_probs(5, 3, seed=6)
+    assert torch.autograd.gradcheck(lambda s: sinkhorn_loss(teacher, s, lam=0.3, n_iters=5, domain=domain), (probs,))
+
+
+@pytest.mark.parametrize("domain", ["exp", "log"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_custom_backward_matches_autograd_through_iterations(domain, dtype, tol):
+    cost = torch.cdist(random_probs(64, 3, seed=7), random_probs(64, 3, seed=8), p=1)
+    ref_cost = cost.clone().requires_grad_()
+    (ref_grad,) = torch.autograd.grad(unrolled_autograd_cost(ref_cost, 0.1, 20), ref_cost)
+    ours_cost = cost.to(dtype).requires_grad_()
+    (grad,) = torch.autograd.grad(sinkhorn_cost(ours_cost, 0.1, 20, domain=domain), ours_cost)
+    assert grad.dtype == dtype
+    assert ((grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item() <= tol
+
+
+def test_unrolled_is_default_and_differs_from_envelope():
+    assert inspect.signature(sinkhorn_loss).parameters["grad"].default == "unrolled"
+    assert inspect.signature(sinkhorn_cost).parameters["grad"].default == "unrolled"
+    assert DistillConfig().sinkhorn_grad == "unrolled"
+    teacher = random_probs(16, 3, seed=9, dtype=torch.float32)
+    logits = torch.randn(16, 3, generator=torch.Generator().manual_seed(10), requires_grad=True)
+    grads = {}
+    for mode in ("unrolled", "envelope"):
+        loss = sinkhorn_loss(teacher, torch.softmax(logits / 2, -1), grad=mode)
+        (grads[mode],) = torch.autograd.grad(loss, logits)
+    relative = (grads["unrolled"] - grads["envelope"]).norm() / grads["unrolled"].norm()
+    assert relative > 0.1
+    # the envelope gradient w.r.t. the cost is the plan itself
+    cost = torch.rand(8, 8, dtype=torch.float64, requires_grad=True)
+    (grad_cost,) = torch.autograd.grad(sinkhorn_cost(cost, grad="envelope"), cost)
+    assert torch.allclose(grad_cost, sinkhorn_plan(cost))
+
+
+# ------------------------------------------------------------------ numerics
+
+
+def test_bf16_inputs_give_finite_float32_loss_and_gradient():
+    g = torch.Generator().manual_seed(11)
+    student = (torch.randn(32, 3, generator=g) * 4).bfloat16().requires_grad_()
+    teacher = (torch.randn(32, 3, generator=g) * 4).bfloat16()
+    total, parts = sinkd_objective(student, teacher, torch.randint(0, 3, (32,), generator=g), DistillConfig())
+    assert total.dtype == torch.float32 and torch.isfinite(total)
+    total.backward()
+    assert student.grad.dtype == torch.bfloat16 and torch.isfinite(student.grad).all()
+    assert parts["sd"].item() > 0
+
+
+def test_small_lambda_with_large_cost_over_lambda_stays_finite():
+    """λ = 0.005 with near one-hot probabilities: C/λ up to 400, where the exp-domain algorithm gives NaN."""
+    g = torch.Generator().manual_seed(12)
+    teacher = torch.softmax(torch.randn(16, 3, generator=g) * 30, -1)
+    student_logits = (torch.randn(16, 3, generator=g) * 30).requires_grad_()
+    teacher[0], student_logits.data[:, 2] = torch.tensor([0.0, 0.0, 1.0]), -50.0  # no student near teacher 0
+    student = torch.softmax(student_logits, -1)
+    assert (torch.cdist(student, teacher, p=1).max() / 0.005).item() > 300
+    assert not torch.isfinite(released_sinkhorn_reference(teacher, student.detach(), lam=0.005))
+    loss = sinkhorn_loss(teacher, student, lam=0.005)
+    (grad,) = torch.autograd.grad(loss, student_logits)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    reference = sinkhorn_loss(teacher.double(), student.detach().double(), lam=0.005)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["batch", "sample", "flat"])
+def test_duplicating_the_batch_keeps_unit_mass_loss_and_doubles_batch_mass(variant):
+    t, s = random_probs(8, 3, seed=13), random_probs(8, 3, seed=14)
+    t2, s2 = torch.cat([t, t]), torch.cat([s, s])
+    unit = sinkhorn_loss(t, s, variant=variant)
+    assert sinkhorn_loss(t2, s2, variant=variant).item() == pytest.approx(unit.item(), rel=1e-10)
+    released = sinkhorn_loss(t, s, variant=variant, mass="batch")
+    doubled = sinkhorn_loss(t2, s2, variant=variant, mass="batch")
+    assert doubled.item() == pytest.approx(2 * released.item(), rel=1e-10)
+    scaled = sinkhorn_loss(t, s, variant=variant, mass="batch", scale=0.001)
+    assert scaled.item() == pytest.approx(0.001 * released.item(), rel=1e-12)
+    if variant == "batch":
+        assert released.item() == pytest.approx(8 * unit.item(), rel=1e-10)
+
+
+def test_vocabulary_size_batch_variant_and_size_guard():
+    d = 50257
+    g = torch.Generator().manual_seed(15)
+    teacher = torch.softmax(torch.randn(8, d, generator=g), -1)
+    logits = torch.randn(8, d, generator=g, requires_grad=True)
+    loss = sinkhorn_loss(teacher, torch.softmax(logits / 2, -1))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    for variant, fragment in (("sample", "sample-wise"), ("flat", "flattened")):
+        with pytest.raises(SinkdError, match=fragment):
+            sinkhorn_loss(teacher, teacher, variant=variant)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_chunked_pairwise_distance_matches_cdist(p):
+    g = torch.Generator().manual_seed(16)
+    x, y = torch.rand(7, 5, generator=g, dtype=torch.float64), torch.rand(6, 5, generator=g, dtype=torch.float64)
+    weights = torch.rand(7, 6, generator=g, dtype=torch.float64)
+    grads = []
+    for chunked in (False, True):
+        xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+        dist = pairwise_distance(xr, yr, p, chunked=chunked, chunk_elements=60)  # 2 rows per chunk
+        grads.append(torch.autograd.grad((dist * weights).sum(), (xr, yr)))
+        assert torch.allclose(dist, torch.cdist(x, y, p=p))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_invalid_sinkhorn_arguments_raise_sinkd_error():
+    t = random_probs(4, 3, seed=17)
+    for kwargs in ({"variant": "rows"}, {"mass": "total"}, {"grad": "implicit"}, {"lam": 0.0}, {"n_iters": 0},
+                   {"p": 0.5}):
+        with pytest.raises(SinkdError):
+            sinkhorn_loss(t, t, **kwargs)
+    with pytest.raises(SinkdError, match="b × d"):
+        sinkhorn_loss(t, t[:3])
+
+
+# ------------------------------------------------------------------ divergences
+
+TEACHER = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)]])  # t = [.5, .5] and [.25, .75]
+STUDENT = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])  # s = [.75, .25] and [.5, .5]
+
+
+def by_hand(f):
+    """Batch mean of f(t_row, s_row) over the two rows above."""
+    rows = [([0.5, 0.5], [0.75, 0.25]), ([0.25, 0.75], [0.5, 0.5])]
+    return sum(f(np.array(t), np.array(s)) for t, s in rows) / 2
+
+
+def test_divergences_against_hand_computed_values():
+    kl_ = by_hand(lambda t, s: np.sum(t * np.log(t / s)))
+    rkl_ = by_hand(lambda t, s: np.sum(s * np.log(s / t)))
+    js_ = by_hand(lambda t, s: 0.5 * np.sum(t * np.log(2 * t / (t + s))) + 0.5 * np.sum(s * np.log(2 * s / (t + s))))
+    tvd_ = by_hand(lambda t, s: 0.5 * np.abs(t - s).sum())
+    assert kl(STUDENT, TEACHER).item() == pytest.approx(kl_, rel=1e-6)
+    assert rkl(STUDENT, TEACHER).item() == pytest.approx(rkl_, rel=1e-6)
+    assert js(STUDENT, TEACHER).item() == pytest.approx(js_, rel=1e-6)
+    assert tvd(STUDENT, TEACHER).item() == pytest.approx(0.25, rel=1e-6) == tvd_
+    assert ce(STUDENT, torch.tensor([0, 1])).item() == pytest.approx(-(math.log(0.75) + math.log(0.5)) / 2, rel=1e-6)
+
+
+def test_temperature_and_tau_squared():
+    tau = 2.0
+    plain = kl(STUDENT, TEACHER).item()
+    assert kl(STUDENT * tau, TEACHER * tau, tau).item() == pytest.approx(tau**2 * plain, rel=1e-6)
+    assert kl(STUDENT * tau, TEACHER * tau, tau, tau_squared=False).item() == pytest.approx(plain, rel=1e-6)
+    for f in (rkl, js, tvd):
+        assert f(STUDENT * tau, TEACHER * tau, tau).item() == pytest.approx(f(STUDENT, TEACHER).item(), rel=1e-6)
+    # high temperature flattens both distributions; τ²·KL tends to a constant (the logit-matching limit)
+    assert kl(STUDENT, TEACHER, 1e3, tau_squared=False).item() < 1e-5 * plain
+
+
+def test_divergence_properties():
+    g = torch.Generator().manual_seed(18)
+    a, b = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    for f in (kl, rkl, js, tvd):
+        assert f(a, a).abs().item() < 1e-6
+        assert f(a, b).item() > 0
+    assert js(a, b).item() == pytest.approx(js(b, a).item(), rel=1e-6)
+    assert tvd(a, b).item() == pytest.approx(tvd(b, a).item(), rel=1e-6)
+    assert rkl(a, b).item() == pytest.approx(kl(b, a).item(), rel=1e-6)
+    assert js(a * 100, b * 100).item() <= math.log(2) + 1e-6 and tvd(a * 100, b * 100).item() <= 1 + 1e-6
+
+
+# ------------------------------------------------------------------ the combined objective
+
+
+def batch(seed=19, b=16, d=3):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, d, generator=g, requires_grad=True), torch.randn(b, d, generator=g),
+            torch.randint(0, d, (b,), generator=g))
+
+
+def test_components_sum_to_total_with_the_weights():
+    student, teacher, labels = batch()
+    cfg = DistillConfig(alpha=0.7, beta=0.5, tau_kl=2.0)
+    total, tensors = sinkd_objective(student, teacher, labels, cfg)
+    assert not any(v.requires_grad for v in tensors.values())
+    parts = {name: value.item() for name, value in tensors.items()}
+    w = objective_weights(cfg)
+    assert w == {"ce": pytest.approx(0.3), "kl": 0.7, "sd": 0.5}
+    weighted = w["ce"] * parts["ce"] + w["kl"] * parts["kl"] + w["sd"] * parts["sd"]
+    assert total.item() == pytest.approx(weighted, rel=1e-6)
+    assert parts["total"] == pytest.approx(total.item())
+    assert parts["ce"] == pytest.approx(ce(student, labels).item())
+    assert parts["kl"] == pytest.approx(kl(student, teacher, 2.0).item())
+    probs = lambda z: torch.softmax(z / cfg.tau_sd, -1)
+    assert parts["sd"] == pytest.approx(sinkhorn_loss(probs(teacher), probs(student)).item(), rel=1e-6)
+    total.backward()
+    assert torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize("overrides,zeroed,expected", [
+    ({"distribution_term": "none"}, {"sd"}, lambda p: 0.1 * p["ce"] + 0.9 * p["kl"]),
+    ({"beta": 0.0}, {"sd"}, lambda p: 0.1 * p["ce"] + 0.9 * p["kl"]),
+    ({"alpha": 0.0}, {"kl"}, lambda p: p["ce"] + 0.8 * p["sd"]),
+    ({"alpha": 1.0}, {"ce"}, lambda p: p["kl"] + 0.8 * p["sd"]),
+    ({"use_ce": False}, {"ce"}, lambda p: 0.9 * p["kl"] + 0.8 * p["sd"]),
+    ({"use_kl": False}, {"kl"}, lambda p: 0.1 * p["ce"] + 0.8 * p["sd"]),
+])
+def test_ablation_switches_zero_the_right_terms(overrides, zeroed, expected):
+    student, teacher, labels = batch()
+    total, parts = sinkd_objective(student, teacher, labels, DistillConfig(**overrides))
+    for name in ("ce", "kl", "sd"):
+        assert (parts[name].item() == 0.0) == (name in zeroed)
+    assert total.item() == pytest.approx(expected({k: v.item() for k, v in parts.items()}), rel=1e-6)
+
+
+@pytest.mark.parametrize("term,fn", [("rkl", rkl), ("js", js), ("tvd", tvd)])
+def test_distribution_term_replacements(term, fn):
+    student, teacher, labels = batch()
+    _, parts = sinkd_objective(student, teacher, labels, DistillConfig(distribution_term=term))
+    assert parts["sd"].item() == pytest.approx(fn(student, teacher, 2.0).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["batch", "sample", "flat"])
+def test_variants_and_gather(variant):
+    student, teacher, labels = batch()
+    cfg = DistillConfig(sinkhorn_variant=variant)
+    plain, parts = sinkd_objective(student, teacher, labels, cfg)
+    (grad_plain,) = torch.autograd.grad(plain, student)
+    gathered, _ = sinkd_objective(student, teacher, labels, cfg, gather=lambda x: x)
+    (grad_gathered,) = torch.autograd.grad(gathered, student)
+    assert gathered.item() == pytest.approx(plain.item(), rel=1e-7)
+    assert torch.allclose(grad_plain, grad_gathered)
+    # two "workers" holding the same shard: unit mass gives the same distribution term, batch mass twice it
+    twice = lambda x: torch.cat([x, x])
+    _, parts_2 = sinkd_objective(student, teacher, labels, cfg, gather=twice)
+    assert parts_2["sd"].item() == pytest.approx(parts["sd"].item(), rel=1e-5)
+    released = DistillConfig(sinkhorn_variant=variant, sinkhorn_scale_preset="released")
+    _, parts_r = sinkd_objective(student, teacher, labels, released)
+    _, parts_r2 = sinkd_objective(student, teacher, labels, released, gather=twice)
+    factor = 1.0 if variant == "sample" else 2.0  # the sample-wise term is per sample, never gathered
+    assert parts_r2["sd"].item() == pytest.approx(factor * parts_r["sd"].item(), rel=1e-5)
+
+
+def _data_parallel_worker(rank, world, port, results):
+    """One of two gloo workers: local shard, gathered Sinkhorn, gradient of the local student logits."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        student, teacher, labels = batch(seed=21, b=8)
+        rows = slice(rank * 4, rank * 4 + 4)
+        local = student.detach()[rows].clone().requires_grad_()
+        total, _ = sinkd_objective(local, teacher[rows], labels[rows], DistillConfig(),
+                                   gather=lambda x: torch.cat(all_gather(x)))
+        total.backward()
+        results[rank] = local.grad / world  # what data-parallel gradient averaging would apply
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_sinkhorn_on_two_workers_matches_one_worker_with_the_global_batch():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        # fork: the children inherit the imported modules (spawn re-imports torch: ~10 s on a busy 2-core
+        # machine); the one-thread fixture keeps OpenMP fork-safe, and a process already running Ray (gRPC
+        # threads) gets spawn instead
+        method = "spawn" if "ray" in sys.modules else "fork"
+        mp.start_processes(_data_parallel_worker, args=(2, port, results), nprocs=2, join=True, start_method=method)
+        per_worker = torch.cat([results[0], results[1]])
+    student, teacher, labels = batch(seed=21, b=8)
+    total, _ = sinkd_objective(student, teacher, labels, DistillConfig())
+    (single,) = torch.autograd.grad(total, student)
+    assert torch.allclose(per_worker, single, rtol=1e-5, atol=1e-7)
+
+
+def test_objective_without_teacher_is_plain_cross_entropy():
+    """CE-only runs (teacher fine-tuning, the CE baseline) pass no teacher logits at all."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
+    cfg = DistillConfig(alpha=0.0, beta=0.0, batch_size=6)
+    total, parts = sinkd_objective(logits, None, labels, cfg)
+    torch.testing.assert_close(total, torch.nn.functional.cross_entropy(logits, labels))
+    assert float(parts["kl"]) == 0.0 and float(parts["sd"]) == 0.0
+    with pytest.raises(SinkdError, match="no teacher logits"):
+        sinkd_objective(logits, None, labels, DistillConfig(alpha=0.5, batch_size=6))
