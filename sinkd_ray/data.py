@@ -1,0 +1,391 @@
+"""Data: load a task split (hub or local release files), tokenise it, and batch it for W workers.
+
+Sources, in order of precedence:
+
+1. a local copy in the original release formats, when ``data_dir`` (``--data-dir``) or ``SINKD_DATA_DIR`` is set:
+   GLUE as ``<dir>/CoLA/train.tsv`` (the ``download_glue_data.py`` layout) or ``<dir>/glue/CoLA/train.tsv``;
+   SuperGLUE as ``<dir>/superglue/RTE/train.jsonl`` (or ``SuperGLUE/``), CB in ``.../CB/``;
+2. otherwise the Hugging Face hub through ``datasets.load_dataset``.
+
+Both give the same columns: the task's text fields (hub column names), ``label`` (the hub's class id) and
+``idx`` (0..n-1, the row position: the key under which teacher logits are cached).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+from torch.utils.data import DataLoader, Sampler
+
+from sinkd_ray.errors import SinkdError
+from sinkd_ray.tasks import Task, get_task
+
+DATA_DIR_ENV = "SINKD_DATA_DIR"
+_POINT_AT_LOCAL = (
+    f"point --data-dir or {DATA_DIR_ENV} at a local copy in the GLUE/SuperGLUE release layout "
+    f"(e.g. <dir>/CoLA/train.tsv, <dir>/glue/RTE/dev.tsv, <dir>/superglue/CB/val.jsonl)"
+)
+
+
+# ----------------------------------------------------------------------------------------------- local formats
+@dataclass(frozen=True)
+class _LocalFormat:
+    """How one task is laid out in its original release.
+
+    folder: directory name in the release (``CoLA``, ``SST-2``, …); files: our split -> file name;
+    columns: hub text field -> column in the file (a name, or a position for header-less files);
+    label_column: the label's column; label_is_name: labels are class names (else integer ids).
+    """
+
+    folder: str
+    files: dict[str, str]
+    columns: dict[str, str | int]
+    label_column: str | int
+    label_is_name: bool
+    has_header: bool = True
+    jsonl: bool = False
+
+
+_GLUE_FILES = {"train": "train.tsv", "dev": "dev.tsv"}
+_SUPERGLUE_FILES = {"train": "train.jsonl", "dev": "val.jsonl"}
+_FORMATS: dict[str, _LocalFormat] = {
+    # CoLA: no header; columns source, label, original mark, sentence.
+    "cola": _LocalFormat("CoLA", _GLUE_FILES, {"sentence": 3}, 1, label_is_name=False, has_header=False),
+    "sst2": _LocalFormat("SST-2", _GLUE_FILES, {"sentence": "sentence"}, "label", label_is_name=False),
+    # MRPC: the header starts with a UTF-8 BOM (read as utf-8-sig): Quality, #1 ID, #2 ID, #1 String, #2 String.
+    "mrpc": _LocalFormat(
+        "MRPC", _GLUE_FILES, {"sentence1": "#1 String", "sentence2": "#2 String"}, "Quality", label_is_name=False
+    ),
+    "qqp": _LocalFormat(
+        "QQP", _GLUE_FILES, {"question1": "question1", "question2": "question2"}, "is_duplicate", label_is_name=False
+    ),
+    "mnli": _LocalFormat(
+        "MNLI",
+        {"train": "train.tsv", "dev": "dev_matched.tsv", "dev_mismatched": "dev_mismatched.tsv"},
+        {"premise": "sentence1", "hypothesis": "sentence2"},
+        "gold_label",
+        label_is_name=True,
+    ),
+    "qnli": _LocalFormat(
+        "QNLI", _GLUE_FILES, {"question": "question", "sentence": "sentence"}, "label", label_is_name=True
+    ),
+    "rte": _LocalFormat(
+        "RTE", _GLUE_FILES, {"sentence1": "sentence1", "sentence2": "sentence2"}, "label", label_is_name=True
+    ),
+    "superglue-rte": _LocalFormat(
+        "RTE", _SUPERGLUE_FILES, {"premise": "premise", "hypothesis": "hypothesis"}, "label",
+        label_is_name=True, jsonl=True,
+    ),
+    "cb": _LocalFormat(
+        "CB", _SUPERGLUE_FILES, {"premise": "premise", "hypothesis": "hypothesis"}, "label",
+        label_is_name=True, jsonl=True,
+    ),
+}
+# Where users keep each benchmark below the data dir (the bare dir last: a GLUE `RTE/` there must not be
+# taken for SuperGLUE's unless it holds the .jsonl files, which the file check ensures).
+_BENCHMARK_DIRS = {
+    "glue": ("", "glue", "GLUE", "glue_data"),
+    "super_glue": ("superglue", "SuperGLUE", "super_glue", "super-glue", ""),
+}
+
+
+def _features(task: Task) -> datasets.Features:
+    return datasets.Features(
+        {
+            **{field: datasets.Value("string") for field in task.text_fields},
+            "label": datasets.ClassLabel(names=list(task.label_names)),
+            "idx": datasets.Value("int64"),
+        }
+    )
+
+
+def _canonical_split(task: Task, split: str) -> str:
+    aliases = {"validation": "dev", "val": "dev", "dev_matched": "dev", "validation_matched": "dev",
+               "validation_mismatched": "dev_mismatched"}
+    name = aliases.get(split, split)
+    if name not in task.splits:
+        raise SinkdError(f"unknown split {split!r} for task {task.name} — choose one of {', '.join(task.splits)}")
+    return name
+
+
+def local_split_path(task: Task | str, split: str, data_dir: str | os.PathLike) -> Path:
+    """The release file holding ``split`` of ``task`` under ``data_dir``; SinkdError naming the paths tried."""
+    task = get_task(task)
+    split = _canonical_split(task, split)
+    fmt = _FORMATS[task.name]
+    root = Path(data_dir).expanduser()
+    file_name = fmt.files[split]
+    candidates = [root / sub / fmt.folder / file_name for sub in _BENCHMARK_DIRS[task.benchmark]]
+    if root.name.lower() == fmt.folder.lower():  # data_dir is the task folder itself
+        candidates.append(root / file_name)
+    for path in candidates:
+        if path.is_file():
+            return path
+    for path in candidates:  # the same layout with other capitalisation (e.g. `cola/`, `superglue/cb/`)
+        parent = path.parent.parent
+        if parent.is_dir():
+            for folder in parent.iterdir():
+                if folder.name.lower() == fmt.folder.lower() and (folder / file_name).is_file():
+                    return folder / file_name
+    expected = f"{fmt.folder}/{file_name}" if task.benchmark == "glue" else f"superglue/{fmt.folder}/{file_name}"
+    contents = ", ".join(fmt.files.values())
+    raise SinkdError(
+        f"no local {task.name} {split} file under {root}: looked for {', '.join(str(p) for p in candidates)} — "
+        f"the data dir should contain {expected} (the {fmt.folder}/ folder of the original "
+        f"{'GLUE' if task.benchmark == 'glue' else 'SuperGLUE'} release, with {contents}), or unset "
+        f"--data-dir/{DATA_DIR_ENV} to load from the Hugging Face hub"
+    )
+
+
+def _read_rows(path: Path, fmt: _LocalFormat) -> Iterator[tuple[int, dict | list]]:
+    """(line number, row) pairs: dicts for headed TSV / JSONL, lists for header-less TSV."""
+    # Hand-rolled instead of pandas: GLUE TSVs must be read with quoting off (sentences hold unbalanced `"`),
+    # and csv with QUOTE_NONE is how GLUE's own and the hub's loaders read them; utf-8-sig drops MRPC's BOM.
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        if fmt.jsonl:
+            for line_no, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        yield line_no, json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise SinkdError(f"{path}:{line_no} is not valid JSON ({err}) — is this a .jsonl file?") from err
+            return
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if not fmt.has_header:
+            for row in reader:
+                if row:
+                    yield reader.line_num, row
+            return
+        header = next(reader, None)
+        if header is None:
+            raise SinkdError(f"{path} is empty — expected a tab-separated file with a header row")
+        for row in reader:
+            if row:
+                yield reader.line_num, dict(zip(header, row))
+
+
+def _label_parser(task: Task, fmt: _LocalFormat, path: Path) -> Callable[[object, int], int]:
+    ids = {name: i for i, name in enumerate(task.label_names)}
+
+    def parse(raw: object, line_no: int) -> int:
+        value = str(raw).strip()
+        label = ids.get(value) if fmt.label_is_name else (int(value) if value.isdigit() else None)
+        if label is None or not 0 <= label < task.num_labels:
+            allowed = list(task.label_names) if fmt.label_is_name else list(range(task.num_labels))
+            raise SinkdError(f"{path}:{line_no} has label {raw!r} — {task.name} labels are {allowed}")
+        return label
+
+    return parse
+
+
+def read_local_split(task: Task | str, split: str, data_dir: str | os.PathLike) -> datasets.Dataset:
+    """``split`` of ``task`` read from its original release file under ``data_dir`` (see module doc)."""
+    task = get_task(task)
+    split = _canonical_split(task, split)
+    fmt = _FORMATS[task.name]
+    path = local_split_path(task, split, data_dir)
+    parse_label = _label_parser(task, fmt, path)
+    columns = {field: [] for field in task.text_fields}
+    labels = []
+    for line_no, row in _read_rows(path, fmt):
+        try:
+            values = {field: row[col] for field, col in fmt.columns.items()}
+            raw_label = row[fmt.label_column]
+        except (KeyError, IndexError):
+            wanted = [*fmt.columns.values(), fmt.label_column]
+            raise SinkdError(
+                f"{path}:{line_no} lacks a column among {wanted} — is this the original {fmt.folder} "
+                f"release file?"
+            ) from None
+        if any(v is None for v in values.values()) or raw_label is None:
+            raise SinkdError(f"{path}:{line_no} has too few tab-separated fields — the row is damaged")
+        for field, value in values.items():
+            columns[field].append(value)
+        labels.append(parse_label(raw_label, line_no))
+    if not labels:
+        raise SinkdError(f"{path} holds no examples — expected the {task.name} {split} split")
+    return datasets.Dataset.from_dict(
+        {**columns, "label": labels, "idx": list(range(len(labels)))}, features=_features(task)
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- hub
+def read_hub_split(task: Task | str, split: str) -> datasets.Dataset:
+    """``split`` of ``task`` from the Hugging Face hub, with the same columns and label ids as a local copy."""
+    task = get_task(task)
+    split = _canonical_split(task, split)
+    hub_split = task.hub_split(split)
+    try:
+        dataset = datasets.load_dataset(task.hub_id, task.hub_config, split=hub_split)
+    except Exception as err:  # network, auth, offline mode, missing dataset: all end the same way for the user
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise SinkdError(
+            f"could not load {task.name} {split} from the Hugging Face hub ({task.hub_id}, {task.hub_config}, "
+            f"split {hub_split}): {type(err).__name__}: {detail} — without network access, {_POINT_AT_LOCAL}"
+        ) from err
+    label_feature = dataset.features.get("label")
+    hub_names = tuple(getattr(label_feature, "names", ()) or ())
+    if hub_names and hub_names != task.label_names:
+        # The label-id order is the contract between hub and local copies: refuse rather than mislabel.
+        raise SinkdError(
+            f"hub dataset {task.hub_id}/{task.hub_config} has labels {list(hub_names)}, expected "
+            f"{list(task.label_names)} — the hub copy changed; use a local copy via --data-dir"
+        )
+    missing = [c for c in (*task.text_fields, "label") if c not in dataset.column_names]
+    if missing:
+        raise SinkdError(
+            f"hub dataset {task.hub_id}/{task.hub_config} lacks columns {missing} — use a local copy via --data-dir"
+        )
+    dataset = dataset.select_columns([*task.text_fields, "label"])
+    dataset = dataset.add_column("idx", list(range(len(dataset))))
+    return dataset.cast(_features(task))
+
+
+def load_split(task: Task | str, split: str, data_dir: str | os.PathLike | None = None) -> datasets.Dataset:
+    """One split of ``task`` as a ``datasets.Dataset`` with columns ``text_fields + ["label", "idx"]``.
+
+    split: ``"train"`` or ``"dev"`` (MNLI: ``"dev"`` is matched, ``"dev_mismatched"`` the other).
+    data_dir: a local release copy (see module doc); default ``$SINKD_DATA_DIR``, else the hub.
+    label: int, the hub's class id (``task.label_names[label]``); idx: int, row position 0..n-1.
+    """
+    task = get_task(task)
+    data_dir = data_dir if data_dir not in (None, "") else os.environ.get(DATA_DIR_ENV) or None
+    if data_dir is not None:
+        return read_local_split(task, split, data_dir)
+    return read_hub_split(task, split)
+
+
+# ------------------------------------------------------------------------------------------------ tokenising
+def tokenize_split(dataset: datasets.Dataset, task: Task | str, tokenizer, max_length: int,
+                   prompt: bool = False) -> datasets.Dataset:
+    """Token ids for every example: columns ``input_ids``, ``attention_mask`` (plus ``token_type_ids``
+    when the tokenizer makes them), ``labels`` and ``idx``; no padding (that happens per batch).
+
+    prompt=False: the text fields as one sequence or a sequence pair, each truncated to ``max_length``
+    tokens together (longest first). prompt=True: ``task.template`` rendered into one string, for
+    encoder-decoder and decoder-only models; truncated from the left, because the answer slot is at the end.
+    """
+    task = get_task(task)
+    if max_length < 8:
+        raise SinkdError(f"max_length={max_length} is too short for any task input — use at least 8 (e.g. 128)")
+
+    def encode(batch: dict) -> dict:
+        if prompt:
+            texts = [task.template.format(**dict(zip(task.text_fields, values)))
+                     for values in zip(*(batch[f] for f in task.text_fields))]
+            return tokenizer(texts, truncation=True, max_length=max_length)
+        return tokenizer(*(batch[f] for f in task.text_fields), truncation=True, max_length=max_length)
+
+    previous_side = tokenizer.truncation_side
+    if prompt:
+        tokenizer.truncation_side = "left"
+    try:
+        tokenized = dataset.map(encode, batched=True, remove_columns=list(task.text_fields),
+                                desc=f"tokenizing {task.name}")
+    finally:
+        tokenizer.truncation_side = previous_side
+    tokenized = tokenized.rename_column("label", "labels")
+    keep = [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels", "idx") if c in tokenized.column_names]
+    return tokenized.select_columns(keep)
+
+
+# ------------------------------------------------------------------------------------------------- batching
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Global batches of ``b`` examples split across ``W`` data-parallel workers, ``b / W`` each.
+
+    Every rank draws the same permutation of 0..n-1 for an epoch (seeded by ``(seed, epoch)``), cuts it
+    into consecutive global batches of ``b``, and yields its contiguous slice ``[r·b/W, (r+1)·b/W)`` of each.
+    So the union over ranks of step ``t``'s batches is exactly the batch one worker with ``b`` sees at step
+    ``t`` — what global-batch Sinkhorn needs for ``W × b/W`` to equal ``1 × b``.
+
+    drop_last=True drops the final incomplete global batch (training). drop_last=False keeps it and pads it
+    to a multiple of W by repeating its first indices (as torch's DistributedSampler pads), so every rank
+    runs the same number of forward passes (FSDP's collectives need that); de-duplicate results by ``idx``.
+    ``len()`` is the number of steps per epoch, equal on every rank.
+    """
+
+    def __init__(self, num_examples: int, global_batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = True) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise SinkdError(f"rank {rank} of world size {world_size} is impossible — need 0 <= rank < world_size")
+        if global_batch_size < 1 or global_batch_size % world_size:
+            raise SinkdError(
+                f"global batch size {global_batch_size} is not a positive multiple of the {world_size} workers — "
+                f"choose b divisible by the number of workers"
+            )
+        if num_examples < 1 or (drop_last and num_examples < global_batch_size):
+            raise SinkdError(
+                f"global batch size {global_batch_size} exceeds the {num_examples} examples, leaving no full "
+                f"batch — choose a smaller batch size"
+            )
+        self.num_examples, self.global_batch_size = num_examples, global_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.epoch = 0
+
+    @classmethod
+    def for_eval(cls, num_examples: int, global_batch_size: int, rank: int = 0,
+                 world_size: int = 1) -> GlobalBatchSampler:
+        """In-order, nothing dropped (the last batch padded to a multiple of W; see the class doc)."""
+        return cls(num_examples, global_batch_size, rank, world_size, shuffle=False, drop_last=False)
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.global_batch_size // self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutation; call before iterating each epoch, with the same value on every rank."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_examples // self.global_batch_size
+        return math.ceil(self.num_examples / self.global_batch_size)
+
+    def global_batches(self) -> list[np.ndarray]:
+        """This epoch's global batches (the same on every rank), before splitting across ranks."""
+        if self.shuffle:
+            order = np.random.default_rng((self.seed, self.epoch)).permutation(self.num_examples)
+        else:
+            order = np.arange(self.num_examples)
+        b = self.global_batch_size
+        batches = [order[i:i + b] for i in range(0, len(order), b)]
+        if batches and len(batches[-1]) < b:
+            if self.drop_last:
+                batches.pop()
+            elif len(batches[-1]) % self.world_size:
+                last = batches[-1]
+                pad = -len(last) % self.world_size
+                batches[-1] = np.concatenate([last, np.resize(last, pad)])
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.global_batches():
+            share = len(batch) // self.world_size
+            yield batch[self.rank * share:(self.rank + 1) * share].tolist()
+
+
+def make_loader(tokenized: datasets.Dataset, tokenizer, batch_sampler: Sampler[list[int]],
+                num_workers: int = 0) -> DataLoader:
+    """A DataLoader over ``tokenized`` that pads each batch to its longest sequence.
+
+    Each batch: ``input_ids``, ``attention_mask`` (b/W × L, L the longest in the batch), ``labels`` (b/W),
+    ``idx`` (b/W), as int64 tensors (plus ``token_type_ids`` when present).
+    """
+    from transformers import DataCollatorWithPadding
+
+    if tokenizer.pad_token is None:
+        raise SinkdError(
+            f"tokenizer {type(tokenizer).__name__} has no pad token — set one (e.g. tokenizer.pad_token = "
+            f"tokenizer.eos_token) before building the loader"
+        )
+    collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    return DataLoader(tokenized, batch_sampler=batch_sampler, collate_fn=collator, num_workers=num_workers)
