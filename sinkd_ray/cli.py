@@ -1,0 +1,69 @@
+"""Command-line glue shared by `python -m sinkd_ray.train` and `python -m sinkd_ray.tune`.
+
+Config dataclasses are the single source of truth: every field becomes a ``--flag`` whose help text is the
+field's ``metadata["help"]`` and whose default is the field's default, so `--help` can never drift from the
+code. Errors the user can fix (:class:`SinkdError`) become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from typing import Any, Callable
+
+from sinkd_ray.errors import SinkdError
+
+
+def _base_type(annotation: Any) -> type:
+    """``int | None`` -> int, ``Optional[str]`` -> str, ``bool`` -> bool."""
+    if isinstance(annotation, str):  # postponed annotations
+        annotation = eval(annotation, vars(typing) | {"types": types})  # noqa: S307 - our own source
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+                    group: str | None = None) -> None:
+    """Add one ``--field-name`` per dataclass field (booleans get ``--x`` / ``--no-x``)."""
+    target = parser.add_argument_group(group) if group else parser
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name.startswith("_"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kind = _base_type(hints[f.name])
+        choices = f.metadata.get("choices")
+        if kind is bool:
+            target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{help_text} (default: {default})")
+        else:
+            target.add_argument(flag, dest=f.name, type=kind, default=default, choices=choices,
+                                metavar=f.metadata.get("metavar", kind.__name__.upper()),
+                                help=f"{help_text} (default: {default})")
+
+
+def config_from_args(cls: type, namespace: argparse.Namespace, **overrides: Any) -> Any:
+    """Build (and so validate) ``cls`` from the parsed flags that belong to it."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(namespace).items() if k in names}
+    values.update(overrides)
+    return cls(**values)
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run ``main`` and turn a :class:`SinkdError` into ``error: <message>`` and exit code 2."""
+    try:
+        code = main(argv)
+    except SinkdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished trials and checkpoints are kept; rerun with --resume to continue",
+              file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
