@@ -27,7 +27,10 @@ def _base_type(annotation: Any) -> type:
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
                     group: str | None = None) -> None:
-    """Add one ``--field-name`` per dataclass field (booleans get ``--x`` / ``--no-x``)."""
+    """Add one ``--field-name`` per dataclass field (booleans get ``--x`` / ``--no-x``).
+
+    Use with ``argparse.ArgumentDefaultsHelpFormatter``, which appends each default to the help text.
+    """
     target = parser.add_argument_group(group) if group else parser
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -40,11 +43,11 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[s
         choices = f.metadata.get("choices")
         if kind is bool:
             target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{help_text} (default: {default})")
+                                help=help_text)
         else:
+            metavar = None if choices else f.metadata.get("metavar", kind.__name__.upper())
             target.add_argument(flag, dest=f.name, type=kind, default=default, choices=choices,
-                                metavar=f.metadata.get("metavar", kind.__name__.upper()),
-                                help=f"{help_text} (default: {default})")
+                                metavar=metavar, help=help_text)
 
 
 def config_from_args(cls: type, namespace: argparse.Namespace, **overrides: Any) -> Any:
@@ -53,6 +56,12 @@ def config_from_args(cls: type, namespace: argparse.Namespace, **overrides: Any)
     values = {k: v for k, v in vars(namespace).items() if k in names}
     values.update(overrides)
     return cls(**values)
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the flags the user actually typed (``--x v`` or ``--x=v``), defaults excluded."""
+    typed = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    return {a.dest for a in parser._actions if typed & set(a.option_strings)}
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

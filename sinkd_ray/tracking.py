@@ -1,0 +1,148 @@
+"""MLflow glue: the study's parent run, one nested child run per trial, artifacts and the model registry.
+
+Embedded default: a SQLite store under the storage path (MLflow 3's file store is in maintenance mode) with
+artifacts beside it. Everything here takes a tracking URI, so a tracking server works the same way.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+STUDY_TAG = "sinkd.study"
+TRIAL_TAG = "sinkd.trial_id"
+
+
+def default_tracking_uri(storage: Path) -> str:
+    return f"sqlite:///{(storage / 'mlflow.db').resolve()}"
+
+
+def code_version() -> str:
+    """The git commit of this checkout (``-dirty`` if modified), else the package version."""
+    from sinkd_ray import __version__
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        return rev or __version__
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def parent_run(client: MlflowClient, experiment_id: str, study: str, tags: dict) -> str:
+    """The study's parent run: reused when the study is resumed, created otherwise."""
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}' and "
+                                                              f"tags.`{MLFLOW_PARENT_RUN_ID}` IS NULL")
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(experiment_id, run_name=study, tags={STUDY_TAG: study, **tags})
+    return run.info.run_id
+
+
+class TrialRunsCallback(MLflowLoggerCallback):
+    """Tune's MLflow logger, with each trial's run nested under the study's parent run.
+
+    Tune's own callback forgets its runs when a study is restored and would open a second run for every
+    resumed trial; here a trial's run is looked up by its trial id first, so resuming adds no duplicates.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_name: str, parent_run_id: str, tags: dict):
+        super().__init__(tracking_uri=tracking_uri, experiment_name=experiment_name,
+                         tags={**tags, MLFLOW_PARENT_RUN_ID: parent_run_id})
+        self.parent_run_id = parent_run_id
+
+    def log_trial_start(self, trial) -> None:
+        if trial not in self._trial_runs:
+            client = MlflowClient(self.tracking_uri)
+            found = client.search_runs(
+                [self.mlflow_util.experiment_id],
+                filter_string=f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' and "
+                              f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'")
+            if found:
+                self._trial_runs[trial] = found[0].info.run_id
+                client.update_run(found[0].info.run_id, status="RUNNING")
+            else:
+                run = self.mlflow_util.start_run(tags={**self.tags, TRIAL_TAG: trial.trial_id,
+                                                       "trial_name": str(trial)}, run_name=str(trial))
+                self._trial_runs[trial] = run.info.run_id
+        if not self.log_params_on_trial_end:
+            self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=trial.config)
+
+
+def trial_run_ids(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    """trial id -> child run id for every trial of a study."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
+                              max_results=10_000)
+    return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
+
+
+def register_student(client: MlflowClient, name: str, run_id: str, student_dir: Path,
+                     alias: str = "best") -> str:
+    """Log ``student_dir`` as the run's ``student`` artifacts and register them as a new version of ``name``.
+
+    MLflow 3's ``mlflow.register_model("runs:/…")`` refuses plain artifacts (no logged model), so the
+    version is created from the artifact URI directly.
+    """
+    client.log_artifacts(run_id, str(student_dir), artifact_path="student")
+    source = f"{client.get_run(run_id).info.artifact_uri}/student"
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, description="SinKD-distilled students (sinkd_ray)")
+    version = client.create_model_version(name, source=source, run_id=run_id)
+    client.set_registered_model_alias(name, alias, version.version)
+    return version.version
+
+
+def log_study_summary(client: MlflowClient, parent_run_id: str, leaderboard, distributions: dict,
+                      metric: str, out_dir: Path) -> list[str]:
+    """Leaderboard CSV and Optuna's importance / parallel-coordinate plots as artifacts of the parent run."""
+    import optuna
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    csv = out_dir / "leaderboard.csv"
+    leaderboard.to_csv(csv, index=False)
+    written.append(csv.name)
+    # Rebuild an Optuna study from the finished trials: it works the same for TPE and grid searches and
+    # for studies that were resumed (Tune's searcher state is not an Optuna study we can reach).
+    done = leaderboard.dropna(subset=[metric])
+    if len(done) >= 2 and distributions:
+        study = optuna.create_study(direction="maximize")
+        for _, row in done.iterrows():
+            values = {p: row[f"config/{p}"] for p in distributions}
+            study.add_trial(optuna.trial.create_trial(params=values, distributions=distributions,
+                                                      value=float(row[metric])))
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from optuna.visualization import matplotlib as ovm
+
+        plots = {"parallel_coordinate.png": ovm.plot_parallel_coordinate}
+        if done[metric].nunique() > 1 and len(distributions) > 1:
+            plots["param_importances.png"] = ovm.plot_param_importances
+        for filename, plot in plots.items():
+            try:
+                ax = plot(study)
+            except (ValueError, RuntimeError) as exc:  # e.g. importances need varied trials
+                (out_dir / f"{filename}.txt").write_text(f"not plotted: {exc}\n")
+                continue
+            ax.figure.savefig(out_dir / filename, bbox_inches="tight")
+            written.append(filename)
+    client.log_artifacts(parent_run_id, str(out_dir), artifact_path="study")
+    return written
