@@ -208,7 +208,7 @@ class TrainConfig(ValidatedConfig):
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for model forward passes (losses always run in float32)"})
     eval_batch_size: int = field(default=64, metadata={"help": "examples per worker per evaluation batch"})
     eval_every_steps: int = field(default=0, metadata={"help": "evaluate, report and checkpoint every N optimiser steps (0: once per epoch)"})
-    seed: int = field(default=42, metadata={"help": "seed for weights of new heads, data order and dropout"})
+    seed: int = field(default=42, metadata={"help": "seed for new heads, data order and dropout (and, in a study, the Optuna sampler)"})
     workers: int = field(default=1, metadata={"help": "data-parallel FSDP workers per run; the batch b is split across them"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker"})
     gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per worker (fractions let small students share a GPU)"})

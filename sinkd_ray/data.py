@@ -14,6 +14,7 @@ Both give the same columns: the task's text fields (hub column names), ``label``
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -288,8 +289,13 @@ def tokenize_split(dataset: datasets.Dataset, task: Task | str, tokenizer, max_l
     if prompt:
         tokenizer.truncation_side = "left"
     try:
+        # An explicit fingerprint: otherwise `datasets` hashes the `encode` closure (tokenizer included)
+        # through dill, which is slow and, inside Ray workers, prints the closure's bytecode.
+        key = json.dumps([dataset._fingerprint, task.name, getattr(tokenizer, "name_or_path", ""),
+                          len(tokenizer), max_length, prompt, task.template if prompt else ""])
         tokenized = dataset.map(encode, batched=True, remove_columns=list(task.text_fields),
-                                desc=f"tokenizing {task.name}")
+                                desc=f"tokenizing {task.name}",
+                                new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
     finally:
         tokenizer.truncation_side = previous_side
     tokenized = tokenized.rename_column("label", "labels")

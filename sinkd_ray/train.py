@@ -339,6 +339,29 @@ class _nullcontext:
 # ---------------------------------------------------------------------------------------------- driver
 
 
+def _absolute_if_local(path: str | None) -> str | None:
+    """Workers run in another directory: a relative local path must travel as an absolute one."""
+    return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
+
+
+def preflight(tcfg: TrainConfig) -> TrainConfig:
+    """Check, in the driver, everything a worker would otherwise fail on minutes later (and retry).
+
+    Returns the config with local paths made absolute. Reads only configs and the data files.
+    """
+    from sinkd_ray.models import load_config
+
+    tcfg = replace(tcfg, student=_absolute_if_local(tcfg.student), teacher=_absolute_if_local(tcfg.teacher),
+                   data_dir=_absolute_if_local(tcfg.data_dir))
+    task = get_task(tcfg.task)
+    for role in ("student", "teacher"):
+        if getattr(tcfg, role) is not None:
+            load_config(getattr(tcfg, role))
+    for split in ("train", "dev"):
+        load_split(task, split, tcfg.data_dir)
+    return tcfg
+
+
 def prepare_teacher_cache(tcfg: TrainConfig, cache_dir: Path) -> dict[str, str] | None:
     """Compute (or find) the teacher's cached logits for train and dev; None when not distilling from a cache."""
     if tcfg.teacher is None or tcfg.teacher_source != "cache":
@@ -427,12 +450,26 @@ def run(tcfg: TrainConfig, dcfg: DistillConfig, *, storage: str, name: str, outp
         callbacks: list | None = None) -> dict:
     """Cache the teacher's logits, fit one run on Ray Train, export the best student; return its metrics."""
     import ray
+    from ray.train import TrainingFailedError
 
+    tcfg = preflight(tcfg)
     teacher_cache = prepare_teacher_cache(tcfg, Path(storage) / "teacher_cache")
     ray.init(ignore_reinit_error=True)
-    result = build_trainer(tcfg, dcfg, storage_path=storage, name=name, teacher_cache=teacher_cache,
-                           callbacks=callbacks).fit()
+    try:
+        result = build_trainer(tcfg, dcfg, storage_path=storage, name=name, teacher_cache=teacher_cache,
+                               callbacks=callbacks).fit()
+    except TrainingFailedError as exc:
+        raise SinkdError(f"run {name} failed: {_first_line(exc)} — full worker logs under "
+                         f"{storage}/{name} and /tmp/ray/session_latest/logs; rerun the same command with "
+                         f"--name {name} to resume from its last checkpoint") from exc
     return export_best_student(result, output_dir)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The most specific line of a (possibly nested) worker error."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(("File", "^", "..."))]
+    errors = [ln for ln in lines if "Error:" in ln or "Error(" in ln]
+    return (errors[-1] if errors else lines[-1] if lines else type(exc).__name__)[:300]
 
 
 def finetune_teacher(base: str, tcfg: TrainConfig, *, storage: str, output_dir: Path | None = None) -> Path:

