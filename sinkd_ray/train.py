@@ -357,9 +357,25 @@ def preflight(tcfg: TrainConfig) -> TrainConfig:
     for role in ("student", "teacher"):
         if getattr(tcfg, role) is not None:
             load_config(getattr(tcfg, role))
+    if tcfg.teacher is not None:
+        _check_teacher_head(load_config(tcfg.teacher), tcfg, task)
     for split in ("train", "dev"):
         load_split(task, split, tcfg.data_dir)
     return tcfg
+
+
+def _check_teacher_head(config, tcfg: TrainConfig, task: Task) -> None:
+    """An encoder teacher must carry a trained head for this task: a base model would get a random one."""
+    from sinkd_ray.models import detect_family
+
+    if detect_family(config, tcfg.family) != "encoder":
+        return  # generative teachers read label words from their LM head
+    trained = any(a.endswith("ForSequenceClassification") for a in (config.architectures or ()))
+    if not trained or config.num_labels != task.num_labels:
+        raise SinkdError(f"teacher '{tcfg.teacher}' is not a {task.name} classifier (architectures="
+                         f"{config.architectures}, num_labels={config.num_labels}) — fine-tune it first with "
+                         f"`python -m sinkd_ray.train --stage teacher --model {tcfg.teacher}`, or give it to "
+                         f"`python -m sinkd_ray.tune` as --teacher-base")
 
 
 def prepare_teacher_cache(tcfg: TrainConfig, cache_dir: Path) -> dict[str, str] | None:

@@ -213,3 +213,13 @@ def test_a_crashed_worker_resumes_from_its_last_checkpoint(tmp_path, ray_runtime
     assert not resumed.empty and set(resumed["resumed_from_step"]) == {4}  # the last checkpoint before step 5
     assert resumed["step"].min() == 6  # continued at step 5, next report at 6: no restart from zero
     assert history["step"].max() == 12  # and finished both epochs
+
+
+def test_preflight_refuses_a_teacher_without_a_trained_head(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir):
+    from sinkd_ray.errors import SinkdError
+    from sinkd_ray.train import preflight
+
+    with pytest.raises(SinkdError, match="is not a cola classifier .* --stage teacher"):
+        preflight(_tcfg(tiny_bert_dir, tiny_bert_dir, cola_fixture_dir))  # a base model as teacher
+    checked = preflight(_tcfg(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir))
+    assert Path(checked.teacher).is_absolute() and Path(checked.data_dir).is_absolute()
