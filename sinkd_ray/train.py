@@ -422,16 +422,26 @@ def build_trainer(tcfg: TrainConfig, dcfg: DistillConfig, *, storage_path: str, 
     )
 
 
+def best_checkpoint_dir(result) -> Path:
+    """The kept checkpoint with the best dev metric (``num_to_keep`` deletes the others)."""
+    kept = [(metrics.get("dev_metric", float("-inf")), Path(ckpt.path)) for ckpt, metrics in result.best_checkpoints
+            if (Path(ckpt.path) / STUDENT_DIR).is_dir()]
+    if not kept:
+        raise SinkdError(f"the run under {result.path} left no checkpoint — see its worker logs")
+    return max(kept, key=lambda pair: pair[0])[1]
+
+
 def export_best_student(result, output_dir: Path) -> dict:
-    """Copy the best checkpoint's student (save_pretrained dir) to ``output_dir``; return its metrics."""
-    best = result.get_best_checkpoint(metric="dev_metric", mode="max")
-    if best is None:
-        raise SinkdError("the run reported no checkpoint — see the worker log above")
-    with best.as_directory() as d:
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        shutil.copytree(Path(d) / STUDENT_DIR, output_dir)
-        metrics = json.loads((Path(d) / "metrics.json").read_text())
+    """Copy the best checkpoint's student (save_pretrained dir) into ``output_dir``; return its metrics.
+
+    Nothing is deleted: files of the same name are overwritten, others stay.
+    """
+    best = best_checkpoint_dir(result)
+    run_dir, out = Path(result.path).resolve(), output_dir.resolve()
+    if out == run_dir or run_dir in out.parents:
+        raise SinkdError(f"--output-dir {output_dir} overlaps the run's own folder {run_dir} — choose another")
+    shutil.copytree(best / STUDENT_DIR, output_dir, dirs_exist_ok=True)
+    metrics = json.loads((best / "metrics.json").read_text())
     (output_dir / "dev_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -453,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="PATH", help="with --stage teacher: the pretrained model to fine-tune")
     parser.add_argument("--output-dir", metavar="DIR",
                         help="where the best model is exported (save_pretrained + dev_metrics.json); "
-                             "default <storage-path>/<name>/best")
+                             "default <storage-path>/<name>-best")
     parser.add_argument("--storage-path", default="./sinkd_runs", metavar="DIR",
                         help="runs, checkpoints and the teacher-logit cache (local dir or s3:// / gs://)")
     parser.add_argument("--name", help="run name (an existing name resumes that run); default: task-stage-time")
@@ -539,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SinkdError("no --teacher given: pass a fine-tuned teacher, or --alpha 0 --beta 0 for CE only")
     task = get_task(tcfg.task)  # fail fast on an unknown task
     name = args.name or f"{tcfg.task}-student-{time.strftime('%Y%m%d-%H%M%S')}"
-    output = Path(args.output_dir) if args.output_dir else Path(storage) / name / "best"
+    output = Path(args.output_dir) if args.output_dir else Path(storage) / f"{name}-best"
     t0 = time.time()
     best = run(tcfg, dcfg, storage=storage, name=name, output_dir=output, callbacks=[PrintProgress()])
     print(f"done in {time.time() - t0:.0f}s: best dev {task.metric}={best['dev_metric']:.4f} at step "

@@ -112,14 +112,12 @@ def _searcher(space: SearchSpace, seed: int):
 
 
 def best_trial_checkpoint(train_storage: str, trial_id: str) -> Path:
-    """The best checkpoint directory of a trial's Ray Train run (Tune's own checkpoint is empty under V2)."""
+    """The best kept checkpoint of a trial's Ray Train run (Tune's own checkpoint is empty under Train V2)."""
     import ray.train
 
-    result = ray.train.Result.from_path(str(Path(train_storage) / f"trial_{trial_id}"))
-    best = result.get_best_checkpoint(metric=METRIC, mode=MODE)
-    if best is None:
-        raise SinkdError(f"trial {trial_id} left no checkpoint under {train_storage}")
-    return Path(best.path)
+    from sinkd_ray.train import best_checkpoint_dir
+
+    return best_checkpoint_dir(ray.train.Result.from_path(str(Path(train_storage) / f"trial_{trial_id}")))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -223,3 +223,29 @@ def test_preflight_refuses_a_teacher_without_a_trained_head(tiny_bert_dir, tiny_
         preflight(_tcfg(tiny_bert_dir, tiny_bert_dir, cola_fixture_dir))  # a base model as teacher
     checked = preflight(_tcfg(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir))
     assert Path(checked.teacher).is_absolute() and Path(checked.data_dir).is_absolute()
+
+
+def test_export_never_deletes_and_refuses_the_run_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from sinkd_ray.errors import SinkdError
+
+    run = tmp_path / "run"
+    for name, metric in (("ckpt_a", 0.1), ("ckpt_b", 0.3)):
+        (run / name / "student").mkdir(parents=True)
+        (run / name / "student" / "config.json").write_text(name)
+        (run / name / "metrics.json").write_text(f'{{"dev_metric": {metric}}}')
+    (run / "ckpt_gone").mkdir()  # listed, but its files were already removed
+    result = SimpleNamespace(path=str(run), best_checkpoints=[
+        (SimpleNamespace(path=str(run / n)), {"dev_metric": m}) for n, m in
+        (("ckpt_a", 0.1), ("ckpt_b", 0.3), ("ckpt_gone", 0.9))])
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user file")
+    assert export_best_student(result, out)["dev_metric"] == 0.3
+    assert (out / "config.json").read_text() == "ckpt_b" and (out / "keep.txt").exists()
+    for bad in (run, run / "export"):
+        with pytest.raises(SinkdError, match="overlaps the run's own folder"):
+            export_best_student(result, bad)
+    assert (run / "ckpt_b" / "student").is_dir()
