@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -121,8 +122,6 @@ def best_trial_checkpoint(train_storage: str, trial_id: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -228,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         client.set_terminated(parent_id, status="KILLED")
         raise
     elapsed = time.time() - t0
+    # Tune returns normally after Ctrl+C (state saved): an unfinished study must not be summarised/registered.
+    if results.num_terminated + results.num_errors < max(len(results), num_trials):
+        client.set_terminated(parent_id, status="KILLED")
+        print(f"\nstudy {study} interrupted: {results.num_terminated} of {num_trials} trials finished; "
+              f"continue it with the same command plus --resume --name {study}", file=sys.stderr)
+        return 130
     finished = [r for r in results if r.error is None and r.metrics and METRIC in r.metrics]
     if not finished:
         client.set_terminated(parent_id, status="FAILED")

@@ -182,5 +182,9 @@ def ray_runtime():
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     ray.init(num_cpus=4, include_dashboard=None, log_to_driver=False, ignore_reinit_error=True)
+    # Subprocesses (CLI tests) attach to this runtime: a second local Ray cluster on the same machine
+    # fights this one over the dashboard's ports and can take its raylet down.
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
+    os.environ.pop("RAY_ADDRESS", None)
     ray.shutdown()

@@ -249,3 +249,12 @@ def test_export_never_deletes_and_refuses_the_run_folder(tmp_path):
         with pytest.raises(SinkdError, match="overlaps the run's own folder"):
             export_best_student(result, bad)
     assert (run / "ckpt_b" / "student").is_dir()
+
+
+def test_gradient_accumulation_takes_one_optimizer_step_per_k_batches(tiny_bert_dir, tiny_teacher_dir,
+                                                                      cola_fixture_dir):
+    tcfg = _tcfg(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, teacher_source="live", epochs=1,
+                 grad_accum_steps=3)
+    reports = []
+    distill(tcfg, DistillConfig(batch_size=16), report=lambda m, d: reports.append(m))
+    assert [m["step"] for m in reports] == [2]  # 6 batches of 16, 3 per optimizer step

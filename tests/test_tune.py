@@ -130,7 +130,7 @@ def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(tmp_path,
                 break
         assert proc.poll() is None, proc.stdout.read()
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
+    assert proc.wait(timeout=180) == 130, proc.stdout.read()  # "interrupted … --resume", not a summary
     _, before = _study_runs(client)
     finished_before = {c.data.tags["sinkd.trial_id"]: c.info.run_id for c in before if c.info.status == "FINISHED"}
     assert finished_before and len(before) < 3
