@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -122,7 +123,19 @@ def best_trial_checkpoint(train_storage: str, trial_id: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    # mlflow.set_tracking_uri (called by Tune's MLflow callback) exports MLFLOW_TRACKING_URI into os.environ;
+    # put it back so a later study in the same process (or its subprocesses) is not sent to this one's store.
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     study_cfg = config_from_args(StudyConfig, args)
@@ -285,8 +298,6 @@ def _plain(value):
 
 
 def _env(name: str) -> str | None:
-    import os
-
     return os.environ.get(name) or None
 
 
