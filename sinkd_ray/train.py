@@ -17,9 +17,9 @@ With ``--stage teacher`` the same loop fine-tunes a teacher with CE only (no tea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
-import math
 import random
 import shutil
 import tempfile
@@ -89,18 +89,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def _padded_eval_batches(n: int, per_worker: int, rank: int, world: int) -> list[list[int]]:
-    """Dev indices for this worker, padded so that every worker runs the same number of forwards.
-
-    FSDP forwards are collectives: a worker with one batch fewer would hang the others. Padding repeats
-    index 0; duplicates are dropped after gathering by example id.
-    """
-    step = per_worker * world
-    total = math.ceil(n / step) * step
-    order = list(range(n)) + [0] * (total - n)
-    return [order[i + rank * per_worker: i + (rank + 1) * per_worker] for i in range(0, total, step)]
-
-
 def _model_inputs(batch: dict, device: torch.device) -> dict:
     """The tensors a LogitModel forward takes (token_type_ids only when the tokenizer made them)."""
     return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
@@ -135,7 +123,10 @@ def evaluate(student: LogitModel, task: Task, dev, *, per_worker: int, rank: int
     """Task metrics of the (possibly sharded) student on the dev split, identical on every worker."""
     student.eval()
     idx_all, pred_all, label_all = [], [], []
-    loader = make_loader(dev, student.tokenizer, _padded_eval_batches(len(dev), per_worker, rank, world))
+    # Every worker must run the same number of (collective) FSDP forwards: for_eval pads the last batch with
+    # repeated examples, dropped again below by example id.
+    sampler = GlobalBatchSampler.for_eval(len(dev), per_worker * world, rank=rank, world_size=world)
+    loader = make_loader(dev, student.tokenizer, sampler)
     with torch.no_grad():
         for batch in loader:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -322,18 +313,10 @@ def ray_worker(config: dict) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     tcfg, dcfg = TrainConfig(**config["train"]), DistillConfig.from_dict(config["distill"])
-    with (checkpoint.as_directory() if checkpoint else _nullcontext()) as resume_dir:
+    with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as resume_dir:
         distill(tcfg, dcfg, report=report, teacher_cache=config.get("teacher_cache"),
                 resume_dir=Path(resume_dir) if resume_dir else None, rank=ctx.get_world_rank(),
                 world=ctx.get_world_size(), device=ray.train.torch.get_device())
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------- driver
