@@ -247,7 +247,7 @@ def distill(tcfg: TrainConfig, dcfg: DistillConfig, *, report: ReportFn, teacher
     while progress["epoch"] < tcfg.epochs:
         sampler.set_epoch(progress["epoch"])
         batches = list(sampler)[progress["batch_in_epoch"]:]
-        for i, batch in enumerate(make_loader(train_ds, student.tokenizer, batches)):
+        for batch in make_loader(train_ds, student.tokenizer, batches):
             t0 = time.perf_counter()
             labels = batch["labels"].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.bf16):
@@ -337,9 +337,8 @@ def preflight(tcfg: TrainConfig) -> TrainConfig:
     tcfg = replace(tcfg, student=_absolute_if_local(tcfg.student), teacher=_absolute_if_local(tcfg.teacher),
                    data_dir=_absolute_if_local(tcfg.data_dir))
     task = get_task(tcfg.task)
-    for role in ("student", "teacher"):
-        if getattr(tcfg, role) is not None:
-            load_config(getattr(tcfg, role))
+    if tcfg.student is not None:
+        load_config(tcfg.student)
     if tcfg.teacher is not None:
         _check_teacher_head(load_config(tcfg.teacher), tcfg, task)
     for split in ("train", "dev"):

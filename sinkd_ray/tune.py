@@ -194,7 +194,6 @@ def _main(argv: list[str]) -> int:
     teacher_cache = prepare_teacher_cache(tcfg, Path(storage) / "teacher_cache")
 
     # MLflow: the study's parent run (reused on resume).
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from sinkd_ray import tracking

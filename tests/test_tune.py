@@ -139,7 +139,7 @@ def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(tmp_path,
     parents, after = _study_runs(client)
     trial_ids = [c.data.tags["sinkd.trial_id"] for c in after]
     assert len(parents) == 1 and len(after) == 3 and len(set(trial_ids)) == 3  # no duplicate MLflow run
-    for trial_id, run_id in finished_before.items():  # the finished trial was not run again
+    for run_id in finished_before.values():  # the finished trial was not run again
         history = client.get_metric_history(run_id, "dev_metric")
         assert sorted(m.step for m in history) == [1, 2, 3]
     assert parents[0].info.status == "FINISHED"
