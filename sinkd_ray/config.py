@@ -21,6 +21,7 @@ from typing import Any
 from sinkd_ray.errors import SinkdError
 from sinkd_ray.losses import (
     DISTRIBUTION_TERMS,
+    RANKING_KINDS,
     SINKHORN_GRADS,
     SINKHORN_MASSES,
     SINKHORN_MAX_COST_ELEMENTS,
@@ -150,6 +151,28 @@ class DistillConfig(ValidatedConfig):
     sinkhorn_max_cost_elements: int = field(default=SINKHORN_MAX_COST_ELEMENTS, metadata={
         "help": "Largest Sinkhorn cost matrix (elements) allowed before a clear error instead of running out "
                 "of memory (the sample-wise / flattened variants are O(b·d²) / O((bd)²))."})
+    gamma: float = field(default=0.0, metadata={
+        "help": "γ ≥ 0: weight of the ranking term (RLKD-style pairwise ranking of the teacher's top-k on the "
+                "student's logits); 0 = off, the paper's objective."})
+    ranking_k: int = field(default=5, metadata={
+        "help": "k ≥ 2: how many of the teacher's top entries the ranking term orders (clipped to the number "
+                "of classes / vocabulary size)."})
+    ranking_margin: float = field(default=0.1, metadata={
+        "help": "m ≥ 0: logit margin by which each higher-ranked entry must lead the next in the student."})
+    ranking_kind: str = field(default="hinge", metadata={
+        "choices": RANKING_KINDS,
+        "help": f"pairwise ranking loss, one of {list(RANKING_KINDS)}: hinge max(0, m − gap) (0 once ordered by "
+                "the margin) or logistic log(1 + exp(m − gap))."})
+    online_teacher: bool = field(default=False, metadata={
+        "help": "OKD-style online teacher: train small LoRA modules on the frozen teacher in the same step as "
+                "the student (teacher loss CE + η·KL(student ‖ teacher)); bypasses the teacher-logit cache."})
+    online_rank: int = field(default=8, metadata={
+        "help": "LoRA rank r of the teacher's online modules (on the attention query/value projections)."})
+    online_lr: float = field(default=1e-4, metadata={
+        "help": "AdamW learning rate of the teacher's online modules (their own optimizer, linear decay)."})
+    online_kl_weight: float = field(default=1.0, metadata={
+        "help": "η ≥ 0: weight of KL_τKL(student ‖ teacher) in the teacher's loss, pulling the teacher toward "
+                "the student's distribution; the CE with the labels keeps it on the task."})
 
     def __post_init__(self) -> None:
         _check_number("alpha", self.alpha, 0.0, 1.0)
@@ -170,6 +193,15 @@ class DistillConfig(ValidatedConfig):
         _check_choice("sinkhorn_grad", self.sinkhorn_grad, SINKHORN_GRADS)
         _check_bool("kl_tau_squared", self.kl_tau_squared)
         _check_number("sinkhorn_max_cost_elements", self.sinkhorn_max_cost_elements, 1, integer=True)
+        _check_number("gamma", self.gamma, 0.0)
+        _check_number("ranking_k", self.ranking_k, 2, integer=True)
+        _check_number("ranking_margin", self.ranking_margin, 0.0)
+        _check_choice("ranking_kind", self.ranking_kind, RANKING_KINDS)
+        _check_bool("online_teacher", self.online_teacher)
+        _check_number("online_rank", self.online_rank, 1, integer=True)
+        _check_number("online_lr", self.online_lr, 0.0, low_open=True)
+        _check_number("online_kl_weight", self.online_kl_weight, 0.0)
+        self.ranking_k, self.online_rank = int(self.ranking_k), int(self.online_rank)
         self.sinkhorn_iters = int(self.sinkhorn_iters)  # YAML may give 20.0
         self.batch_size = int(self.batch_size)
         self.sinkhorn_max_cost_elements = int(self.sinkhorn_max_cost_elements)
@@ -177,11 +209,13 @@ class DistillConfig(ValidatedConfig):
             preset = SINKHORN_PRESETS[self.sinkhorn_scale_preset]
             self.sinkhorn_mass, self.sinkhorn_scale = preset["mass"], float(preset["scale"])
         active = {"CE": self.use_ce and self.alpha < 1, "KL": self.use_kl and self.alpha > 0,
-                  "distribution term": self.beta > 0 and self.distribution_term != "none"}
+                  "distribution term": self.beta > 0 and self.distribution_term != "none",
+                  "ranking term": self.gamma > 0}
         if not any(active.values()):
             raise SinkdError(
                 f"every loss term is off (alpha={self.alpha}, use_ce={self.use_ce}, use_kl={self.use_kl}, "
-                f"beta={self.beta}, distribution_term={self.distribution_term!r}) — enable at least one")
+                f"beta={self.beta}, distribution_term={self.distribution_term!r}, gamma={self.gamma}) — enable "
+                "at least one")
 
 
 @dataclass

@@ -46,6 +46,7 @@ SINKHORN_MASSES = ("unit", "batch")
 SINKHORN_GRADS = ("unrolled", "envelope")
 SINKHORN_DOMAINS = ("auto", "exp", "log")
 DISTRIBUTION_TERMS = ("sinkhorn", "rkl", "js", "tvd", "none")
+RANKING_KINDS = ("hinge", "logistic")
 
 # Named weightings of the Sinkhorn term: "unit" (plan mass 1, this project's default) and "released"
 # (unit marginals so the plan has mass b, times 0.001 — the authors' GLUE code, see the module docstring).
@@ -474,15 +475,45 @@ def ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
+def ranking_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int = 5, margin: float = 0.1,
+                 kind: str = "hinge") -> torch.Tensor:
+    """Pairwise ranking loss on the teacher's top-k entries (the rank-consistency term of RLKD, Peng & Zhang 2025).
+
+    For each sample i, π_1 … π_k are the indices of the teacher's k largest logits in decreasing order
+    (k is clipped to d). Every ordered pair a < b of them should keep its order in the student, by a margin m:
+
+        hinge:     ℓ_iab = max(0, m − (z_S,iπa − z_S,iπb))
+        logistic:  ℓ_iab = log(1 + exp(m − (z_S,iπa − z_S,iπb)))      (smooth, never exactly 0)
+
+    L_rank = mean over samples and the k(k−1)/2 pairs. Logits (..., d): class logits or a vocabulary; only
+    the k selected student logits get gradients, the teacher's logits get none. Computed in float32.
+    """
+    if kind not in RANKING_KINDS:
+        raise SinkdError(f"ranking kind {kind!r} is not one of {list(RANKING_KINDS)}")
+    student = _compute_dtype(student_logits)
+    student = student.reshape(-1, student.shape[-1])
+    teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    k = min(int(k), student.shape[-1])
+    if k < 2:
+        raise SinkdError(f"ranking needs k >= 2 entries, got k={k} with d={student.shape[-1]} classes")
+    order = teacher.topk(k, dim=-1, sorted=True).indices  # (N, k), teacher's best first
+    ranked = student.gather(-1, order)  # the student's logits in the teacher's order
+    upper = torch.triu_indices(k, k, offset=1, device=ranked.device)  # pairs a < b
+    gaps = ranked[:, upper[0]] - ranked[:, upper[1]]  # should be ≥ m
+    per_pair = F.relu(margin - gaps) if kind == "hinge" else F.softplus(margin - gaps)
+    return per_pair.mean()
+
+
 # --------------------------------------------------------------------------------------------------
 # The combined objective
 # --------------------------------------------------------------------------------------------------
 
 
 def objective_weights(cfg: DistillConfig) -> dict[str, float]:
-    """Weights of the three terms: total = w_ce·CE + w_kl·KL + w_sd·SD.
+    """Weights of the terms: total = w_ce·CE + w_kl·KL + w_sd·SD + w_rank·RANK.
 
-    w_ce = (1 − α) if use_ce else 0;  w_kl = α if use_kl else 0;  w_sd = β unless distribution_term="none".
+    w_ce = (1 − α) if use_ce else 0;  w_kl = α if use_kl else 0;  w_sd = β unless distribution_term="none";
+    w_rank = γ (the ranking term, ``ranking_loss``; 0 = off, the paper's objective).
     The paper's ablation rows as settings:
       SinKD (CE + KL + SD)            defaults (α = 0.9, β = 0.8, distribution_term="sinkhorn")
       w/o SD (= vanilla KD, CE + KL)  distribution_term="none" (or β = 0)
@@ -496,6 +527,7 @@ def objective_weights(cfg: DistillConfig) -> dict[str, float]:
         "ce": (1.0 - cfg.alpha) if cfg.use_ce else 0.0,
         "kl": cfg.alpha if cfg.use_kl else 0.0,
         "sd": cfg.beta if cfg.distribution_term != "none" else 0.0,
+        "rank": cfg.gamma,
     }
 
 
@@ -518,12 +550,12 @@ def distribution_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 def sinkd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
                     cfg: DistillConfig, gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SinKD loss  (1 − α)·CE(y, s) + α·KL_τKL(t ‖ s) + β·L_SD  and its detached components.
+    """SinKD loss  (1 − α)·CE(y, s) + α·KL_τKL(t ‖ s) + β·L_SD (+ γ·L_rank)  and its detached components.
 
     Shapes: student_logits, teacher_logits (b × d) class logits (any dtype; computed in float32), labels (b,)
     class indices (may be None when the CE term is off). teacher_logits may be None when only CE is on
     (teacher fine-tuning, the CE-only baseline).
-    Returns (total, {"ce", "kl", "sd", "total"}): raw term values as detached 0-dim tensors (no host sync;
+    Returns (total, {"ce", "kl", "sd", "rank", "total"}): raw term values as detached 0-dim tensors (no host sync;
     call .item() when logging); a term whose weight is 0 is not computed and reads 0. Weights and the
     paper's ablation rows: ``objective_weights``. The teacher logits are detached.
 
@@ -537,20 +569,23 @@ def sinkd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor |
     """
     weights = objective_weights(cfg)
     if teacher_logits is None:
-        if weights["kl"] or weights["sd"]:
-            raise SinkdError("no teacher logits, but the objective has a KL or distribution term — give a "
-                             "teacher, or set alpha=0 and beta=0 for CE only")
+        if weights["kl"] or weights["sd"] or weights["rank"]:
+            raise SinkdError("no teacher logits, but the objective has a KL, distribution or ranking term — "
+                             "give a teacher, or set alpha=0, beta=0 and gamma=0 for CE only")
     else:
         teacher_logits = teacher_logits.detach()  # the teacher is frozen, also when it runs live
     zero = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-    terms = {"ce": zero, "kl": zero, "sd": zero}
+    terms = {"ce": zero, "kl": zero, "sd": zero, "rank": zero}
     if weights["ce"] != 0.0:
         terms["ce"] = ce(student_logits, labels)
     if weights["kl"] != 0.0:
         terms["kl"] = kl(student_logits, teacher_logits, cfg.tau_kl, tau_squared=cfg.kl_tau_squared)
     if weights["sd"] != 0.0:
         terms["sd"] = distribution_term(student_logits, teacher_logits, cfg, gather)
-    total = weights["ce"] * terms["ce"] + weights["kl"] * terms["kl"] + weights["sd"] * terms["sd"]
+    if weights["rank"] != 0.0:
+        terms["rank"] = ranking_loss(student_logits, teacher_logits, cfg.ranking_k, cfg.ranking_margin,
+                                     cfg.ranking_kind)
+    total = sum(weights[name] * terms[name] for name in terms)
     components = {name: value.detach() for name, value in terms.items()}
     components["total"] = total.detach()
     return total, components

@@ -109,6 +109,10 @@ class TeacherLogits:
     def __call__(self, split: str, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
         if self.cached is not None:
             return self.cached[split][idx].to(device)
+        return self.forward(split, idx, device)
+
+    def forward(self, split: str, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A live forward of the teacher on the examples ``idx`` (with gradients where grad mode is on)."""
         assert self.teacher is not None and self.tokenized is not None
         rows = self.tokenized[split].select(idx.tolist())
         batch = self.collate([{k: r[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in r}
@@ -116,6 +120,78 @@ class TeacherLogits:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.teacher(**_model_inputs(batch, device))
         return logits.float()
+
+
+# Attention projections that get online LoRA modules, first match wins (BERT/RoBERTa, GPT-Neo/Llama, T5/MPNet).
+LORA_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("q", "v"))
+
+
+class OnlineTeacher:
+    """OKD-style online teacher modules (arXiv 2409.12512): the teacher adapts to the student while both train.
+
+    What is implemented:
+    - LoRA modules (``peft``; rank r, scaling α = 2r, no dropout) on the teacher's attention query and value
+      projections. Every base weight of the teacher stays frozen (``requires_grad=False``) and bit-identical;
+      only the modules train. The teacher stays in eval mode (no dropout).
+    - Each step the teacher runs live on the batch; the student's objective sees its logits detached, exactly
+      as it sees a frozen teacher's (so the cache cannot be used: it is bypassed automatically).
+    - Teacher loss  L_T = CE(y, z_T) + η·KL_τKL(s ‖ t),  with the student's probabilities s detached as the
+      target: CE keeps the teacher on the task, the KL moves its distribution toward what the student can
+      represent. Own AdamW (``online_lr``, same warm-up/linear decay as the student), stepped with the
+      student's optimizer. With several workers the teacher is replicated, so its gradients are averaged by
+      an all-reduce before each step.
+    """
+
+    def __init__(self, live: TeacherLogits, dcfg: DistillConfig, *, total_steps: int, warmup_steps: int):
+        from peft import LoraConfig, inject_adapter_in_model
+        from transformers import get_linear_schedule_with_warmup
+
+        self.live, self.dcfg = live, dcfg
+        model = live.teacher.hf_model
+        linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        targets = next((list(pair) for pair in LORA_TARGETS if set(pair) <= linear), None)
+        if targets is None:
+            raise SinkdError(f"online teacher: no attention query/value projections found in "
+                             f"{type(model).__name__} (looked for {LORA_TARGETS}) — this architecture is not "
+                             f"supported with --online-teacher")
+        inject_adapter_in_model(LoraConfig(r=dcfg.online_rank, lora_alpha=2 * dcfg.online_rank,
+                                           lora_dropout=0.0, target_modules=targets), model)
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        live.teacher.eval()
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=dcfg.online_lr, weight_decay=0.0)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup_steps, total_steps)
+
+    def logits(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return self.live.forward("train", idx, device)
+
+    def loss(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """L_T = CE(y, z_T) + η·KL_τKL(s ‖ t), gradients to the teacher's modules only."""
+        from sinkd_ray.losses import ce, kl
+
+        pull = kl(teacher_logits, student_logits.detach(), self.dcfg.tau_kl, tau_squared=self.dcfg.kl_tau_squared)
+        return ce(teacher_logits, labels) + self.dcfg.online_kl_weight * pull
+
+    def step(self) -> None:
+        if dist.is_initialized():
+            for p in self.params.values():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"modules": {n: p.detach().clone() for n, p in self.params.items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, value in state["modules"].items():
+                self.params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
 
 def evaluate(student: LogitModel, task: Task, dev, *, per_worker: int, rank: int, world: int,
@@ -145,7 +221,8 @@ def evaluate(student: LogitModel, task: Task, dev, *, per_worker: int, rank: int
 
 
 def save_checkpoint(directory: Path, student: LogitModel, optimizer, scheduler, progress: dict,
-                    tcfg: TrainConfig, dcfg: DistillConfig, metrics: dict, *, rank: int) -> None:
+                    tcfg: TrainConfig, dcfg: DistillConfig, metrics: dict, *, rank: int,
+                    online: OnlineTeacher | None = None) -> None:
     """Write the full (unsharded) student and the resume state. Collective: every worker must call it."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
@@ -160,7 +237,8 @@ def save_checkpoint(directory: Path, student: LogitModel, optimizer, scheduler, 
         return
     student.save_pretrained(directory / STUDENT_DIR, state_dict=model_state)
     torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "progress": progress,
-                "rng": _rng_state()}, directory / STATE_FILE)
+                "rng": _rng_state(), "online_teacher": online.state_dict() if online else None},
+               directory / STATE_FILE)
     (directory / "distill_config.json").write_text(json.dumps(dcfg.to_dict(), indent=2))
     (directory / "train_config.json").write_text(json.dumps(asdict(tcfg), indent=2))
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -168,11 +246,12 @@ def save_checkpoint(directory: Path, student: LogitModel, optimizer, scheduler, 
 
 def distill(tcfg: TrainConfig, dcfg: DistillConfig, *, report: ReportFn, teacher_cache: dict | None = None,
             resume_dir: Path | None = None, rank: int = 0, world: int = 1,
-            device: torch.device = torch.device("cpu")) -> None:
+            device: torch.device = torch.device("cpu"), checkpoint: bool = True) -> None:
     """Train one student. Runs the same in a Ray Train worker and in a plain process (world = 1).
 
     ``report(metrics, checkpoint_dir)`` is called after every evaluation; ``checkpoint_dir`` is only given
-    on rank 0 and is deleted after the call returns. ``teacher_cache`` maps split -> cached-logits file.
+    on rank 0 and is deleted after the call returns (``checkpoint=False``: never written, always None).
+    ``teacher_cache`` maps split -> cached-logits file; it is ignored with an online teacher.
     """
     if dcfg.batch_size % world:
         raise SinkdError(f"batch_size={dcfg.batch_size} is not divisible by workers={world} — the Sinkhorn "
@@ -194,9 +273,12 @@ def distill(tcfg: TrainConfig, dcfg: DistillConfig, *, report: ReportFn, teacher
 
     distilling = tcfg.teacher is not None
     teacher_logits: TeacherLogits | None = None
-    if distilling and teacher_cache:
+    if distilling and teacher_cache and not dcfg.online_teacher:
         teacher_logits = TeacherLogits(cached={s: load_teacher_logits(p) for s, p in teacher_cache.items()})
     elif distilling:
+        if dcfg.online_teacher and tcfg.teacher_quantization:
+            raise SinkdError("--online-teacher trains LoRA modules on a full-precision teacher: drop "
+                             "--teacher-quantization")
         teacher = load_teacher(tcfg.teacher, task, family=tcfg.family, logit_space=tcfg.logit_space,
                                quantization=tcfg.teacher_quantization)
         if tcfg.teacher_quantization is None:
@@ -223,6 +305,10 @@ def distill(tcfg: TrainConfig, dcfg: DistillConfig, *, report: ReportFn, teacher
     from transformers import get_linear_schedule_with_warmup
 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total_steps), total_steps)
+    online = None
+    if distilling and dcfg.online_teacher:
+        online = OnlineTeacher(teacher_logits, dcfg, total_steps=total_steps,
+                               warmup_steps=int(tcfg.warmup_ratio * total_steps))
 
     progress = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "resumed_from_step": None}
     if state is not None:
@@ -236,6 +322,8 @@ def distill(tcfg: TrainConfig, dcfg: DistillConfig, *, report: ReportFn, teacher
         scheduler.load_state_dict(state["scheduler"])
         progress = dict(state["progress"], resumed_from_step=state["progress"]["step"])
         _set_rng_state(state["rng"])
+        if online is not None and state.get("online_teacher"):
+            online.load_state_dict(state["online_teacher"])
     fault_armed = tcfg.fault_at_step is not None and state is None
 
     gather = global_gather if world > 1 else None
@@ -252,9 +340,16 @@ def distill(tcfg: TrainConfig, dcfg: DistillConfig, *, report: ReportFn, teacher
             labels = batch["labels"].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.bf16):
                 s_logits = student(**_model_inputs(batch, device))
-            t_logits = teacher_logits("train", batch["idx"], device) if teacher_logits else None
             targets = labels if label_ids is None or tcfg.logit_space == "label" else label_ids.to(device)[labels]
+            if online is not None:
+                t_logits = online.logits(batch["idx"], device)
+            else:
+                t_logits = teacher_logits("train", batch["idx"], device) if teacher_logits else None
             loss, parts = sinkd_objective(s_logits.float(), t_logits, targets, dcfg, gather=gather)
+            if online is not None:
+                teacher_loss = online.loss(t_logits, s_logits.float(), targets)
+                loss = loss + teacher_loss  # disjoint parameters: one backward serves both optimizers
+                parts["teacher"] = teacher_loss.detach()
             (loss / tcfg.grad_accum_steps).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -266,6 +361,8 @@ def distill(tcfg: TrainConfig, dcfg: DistillConfig, *, report: ReportFn, teacher
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if online is not None:
+                    online.step()
                 progress["step"] += 1
             train_time += time.perf_counter() - t0
             if fault_armed and progress["step"] == tcfg.fault_at_step:
@@ -289,10 +386,13 @@ def distill(tcfg: TrainConfig, dcfg: DistillConfig, *, report: ReportFn, teacher
                 "lr": scheduler.get_last_lr()[0],
                 "resumed_from_step": -1 if progress["resumed_from_step"] is None else progress["resumed_from_step"],
             }
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(Path(tmp), student, optimizer, scheduler, dict(progress), tcfg, dcfg, metrics,
-                                rank=rank)
-                report(metrics, Path(tmp) if rank == 0 else None)
+            if not checkpoint:
+                report(metrics, None)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_checkpoint(Path(tmp), student, optimizer, scheduler, dict(progress), tcfg, dcfg,
+                                    metrics, rank=rank, online=online)
+                    report(metrics, Path(tmp) if rank == 0 else None)
             sums, seen, train_time = {}, 0, 0.0
             if epoch_done:
                 break  # the sampler of the next epoch is a new permutation
@@ -360,9 +460,13 @@ def _check_teacher_head(config, tcfg: TrainConfig, task: Task) -> None:
                          f"`python -m sinkd_ray.tune` as --teacher-base")
 
 
-def prepare_teacher_cache(tcfg: TrainConfig, cache_dir: Path) -> dict[str, str] | None:
-    """Compute (or find) the teacher's cached logits for train and dev; None when not distilling from a cache."""
-    if tcfg.teacher is None or tcfg.teacher_source != "cache":
+def prepare_teacher_cache(tcfg: TrainConfig, cache_dir: Path, dcfg: DistillConfig | None = None
+                          ) -> dict[str, str] | None:
+    """Compute (or find) the teacher's cached logits for train and dev; None when not distilling from a cache.
+
+    An online teacher (``dcfg.online_teacher``) changes during training, so it never uses the cache.
+    """
+    if tcfg.teacher is None or tcfg.teacher_source != "cache" or (dcfg is not None and dcfg.online_teacher):
         return None
     task = get_task(tcfg.task)
     paths = {}
@@ -461,7 +565,7 @@ def run(tcfg: TrainConfig, dcfg: DistillConfig, *, storage: str, name: str, outp
     from ray.train import TrainingFailedError
 
     tcfg = preflight(tcfg)
-    teacher_cache = prepare_teacher_cache(tcfg, Path(storage) / "teacher_cache")
+    teacher_cache = prepare_teacher_cache(tcfg, Path(storage) / "teacher_cache", dcfg)
     ray.init(ignore_reinit_error=True)
     try:
         result = build_trainer(tcfg, dcfg, storage_path=storage, name=name, teacher_cache=teacher_cache,
@@ -527,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SinkdError("--student is required (a checkpoint, or a pretrained model with --student-layers K)")
     tcfg = config_from_args(TrainConfig, args)
     dcfg = config_from_args(DistillConfig, args)
-    if tcfg.teacher is None and (dcfg.alpha > 0 or dcfg.beta > 0):
+    if tcfg.teacher is None and (dcfg.alpha > 0 or dcfg.beta > 0 or dcfg.gamma > 0 or dcfg.online_teacher):
         raise SinkdError("no --teacher given: pass a fine-tuned teacher, or --alpha 0 --beta 0 for CE only")
     task = get_task(tcfg.task)  # fail fast on an unknown task
     name = args.name or f"{tcfg.task}-student-{time.strftime('%Y%m%d-%H%M%S')}"

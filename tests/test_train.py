@@ -89,17 +89,6 @@ def test_two_workers_match_one_worker_only_with_the_all_gather(tmp_path, use_gat
         assert not sd_close and not grads_close
 
 
-# ----------------------------------------------------------------------------------- shared fixtures
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher_dir(tmp_path_factory, tiny_bert_dir):
-    """A 'fine-tuned' CoLA teacher: the tiny BERT with a (seeded) classification head, saved."""
-    torch.manual_seed(0)
-    model = load_student(str(tiny_bert_dir), get_task("cola"))
-    return model.save_pretrained(tmp_path_factory.mktemp("teacher"))
-
-
 def _tcfg(tiny_bert_dir, teacher, data_dir, **kw):
     base = dict(task="cola", student=str(tiny_bert_dir), student_layers=2, teacher=str(teacher),
                 data_dir=str(data_dir), max_length=32, epochs=2, lr=1e-3, eval_batch_size=16)
