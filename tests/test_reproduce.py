@@ -1,0 +1,98 @@
+"""benchmarks/reproduce.py: its machinery on tiny random models and the CoLA-format fixture (seconds)."""
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sinkd_ray.errors import SinkdError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def _argv(out: Path, teacher, student, data, *extra):
+    return ["--task", "cola", "--data-dir", str(data), "--teacher", str(teacher), "--student", str(student),
+            "--student-layers", "2", "--seeds", "2", "--epochs", "1", "--batch-size", "16", "--lr", "1e-3",
+            "--max-length", "32", "--out-dir", str(out), *extra]
+
+
+def test_reproduce_writes_tables_logs_runs_and_reuses_finished_ones(tmp_path, reproduce, tiny_bert_dir,
+                                                                   tiny_teacher_dir, cola_fixture_dir, capsys):
+    out = tmp_path / "repro"
+    argv = _argv(out, tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, "--tables", "2,3")
+    assert reproduce.main(argv) == 0
+    rows = list(csv.DictReader((out / "reproduce-cola.csv").open()))
+    # Table 2's five rows and Table 3's two (the SinKD row appears in both, trained once per seed).
+    assert [r["row"] for r in rows] == ["ce", "ce_kd", "sinkd", "kd_sd", "ce_sd", "sinkd", "sample"]
+    assert all(r["seeds"] == "2" and len(r["per_seed"].split()) == 2 for r in rows)
+    markdown = (out / "reproduce-cola.md").read_text()
+    assert "Table 2" in markdown and "Table 3" in markdown and "| Teacher |" in markdown
+    assert "CE < CE+KD" in markdown and "sample-wise < batch-wise" in markdown
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sinkd-reproduce-cola")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 6 * 2  # unique rows × seeds
+    one = runs[0]
+    assert "best_dev_metric" in one.data.metrics and one.data.params["alpha"]
+    assert client.get_metric_history(one.info.run_id, "dev_metric")
+
+    # Same seed -> same data order and initialisation: the CE-only row (no teacher involved) and the
+    # CE + SD row differ only by the Sinkhorn term, so the records share a seed but not a key.
+    records = [line for line in (out / "runs.jsonl").read_text().splitlines() if line]
+    assert len(records) == 12
+
+    # Rerun: everything is reused, nothing is trained or logged again.
+    capsys.readouterr()
+    assert reproduce.main(argv) == 0
+    assert "0 to train, 12 reused" in capsys.readouterr().out
+    assert len(client.search_runs([experiment.experiment_id])) == 12
+
+
+def test_reproduce_row_settings_match_the_paper_ablations(reproduce):
+    from sinkd_ray.config import DistillConfig
+    from sinkd_ray.losses import objective_weights
+
+    base = DistillConfig(alpha=0.9, beta=0.8, sinkhorn_scale_preset="released")
+    weights = {row: objective_weights(reproduce.row_config(base, row, 0.5)) for row in reproduce.ROWS}
+    assert weights["ce"] == {"ce": pytest.approx(1.0), "kl": 0.0, "sd": 0.0, "rank": 0.0}
+    assert weights["ce_kd"]["sd"] == 0.0 and weights["sinkd"]["sd"] == 0.8
+    assert weights["kd_sd"]["ce"] == 0.0 and weights["ce_sd"]["kl"] == 0.0
+    assert reproduce.row_config(base, "sample", 0.5).sinkhorn_variant == "sample"
+    assert reproduce.row_config(base, "js", 0.5).distribution_term == "js"
+    assert reproduce.row_config(base, "ranking", 0.5).gamma == 0.5
+    assert reproduce.row_config(base, "online", 0.5).online_teacher
+    assert reproduce.row_config(base, "sinkd", 0.5).sinkhorn_scale == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"data": "missing"}, "CoLA"),
+    ({"teacher": "missing"}, "missing-teacher"),
+    ({"extra": ["--tables", "2,9"]}, "unknown table"),
+])
+def test_reproduce_exits_with_one_line_when_inputs_are_missing(tmp_path, reproduce, tiny_bert_dir,
+                                                              tiny_teacher_dir, cola_fixture_dir, change, match,
+                                                              capsys):
+    data = tmp_path / "nowhere" if change.get("data") else cola_fixture_dir
+    teacher = tmp_path / "missing-teacher" if change.get("teacher") else tiny_teacher_dir
+    argv = _argv(tmp_path / "out", teacher, tiny_bert_dir, data, *change.get("extra", []))
+    with pytest.raises(SinkdError, match=match):
+        reproduce.main(argv)
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.run_cli(reproduce.main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out" / "runs.jsonl").exists()
