@@ -218,6 +218,24 @@ class DistillConfig(ValidatedConfig):
                 "at least one")
 
 
+def parse_resources(spec: str | None) -> dict[str, float]:
+    """'NAME=AMOUNT[,NAME=AMOUNT]' -> {NAME: AMOUNT}; a malformed spec is a one-line error."""
+    if not spec:
+        return {}
+    out = {}
+    for item in spec.split(","):
+        name, sep, amount = item.strip().rpartition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or value <= 0 or name in ("CPU", "GPU"):
+            raise SinkdError(f"worker_resources={spec!r}: {item.strip()!r} is not NAME=AMOUNT with AMOUNT > 0 "
+                             "(CPU and GPU have their own flags) — e.g. 'accelerator_type:A100=0.001'")
+        out[name] = value
+    return out
+
+
 @dataclass
 class TrainConfig(ValidatedConfig):
     """How one distillation (or teacher fine-tuning) run trains: models, data, optimiser, workers.
@@ -244,6 +262,7 @@ class TrainConfig(ValidatedConfig):
     eval_every_steps: int = field(default=0, metadata={"help": "evaluate, report and checkpoint every N optimiser steps (0: once per epoch)"})
     seed: int = field(default=42, metadata={"help": "seed for new heads, data order and dropout (and, in a study, the Optuna sampler)"})
     workers: int = field(default=1, metadata={"help": "data-parallel FSDP workers per run; the batch b is split across them"})
+    worker_resources: str | None = field(default=None, metadata={"help": "extra Ray resources per worker, 'NAME=AMOUNT[,NAME=AMOUNT]' (e.g. 'accelerator_type:A100=0.001' or a custom node resource), to pin trials to node types", "metavar": "SPEC"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker"})
     gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per worker (fractions let small students share a GPU)"})
     teacher_source: str = field(default="cache", metadata={"help": "'cache': teacher logits computed once and reused; 'live': teacher forward every step", "choices": ("cache", "live")})
@@ -277,3 +296,4 @@ class TrainConfig(ValidatedConfig):
         _check_choice("teacher_source", self.teacher_source, ("cache", "live"))
         _check_choice("teacher_quantization", self.teacher_quantization, (None, "8bit", "4bit"))
         _check_bool("bf16", self.bf16)
+        parse_resources(self.worker_resources)

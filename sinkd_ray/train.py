@@ -34,7 +34,7 @@ import torch.distributed as dist
 from ray.train import UserCallback
 
 from sinkd_ray.cli import add_config_args, config_from_args, run_cli
-from sinkd_ray.config import DistillConfig, TrainConfig
+from sinkd_ray.config import DistillConfig, TrainConfig, parse_resources
 from sinkd_ray.data import GlobalBatchSampler, load_split, make_loader, tokenize_split
 from sinkd_ray.errors import SinkdError
 from sinkd_ray.losses import sinkd_objective
@@ -408,6 +408,14 @@ def ray_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        # Provenance: which Ray node each rank trained on, kept in the checkpoint (placement.json).
+        node = ray.get_runtime_context().get_node_id()
+        nodes = [node]
+        if dist.is_initialized():
+            nodes = [None] * ctx.get_world_size()
+            dist.all_gather_object(nodes, node)
+        if checkpoint_dir:
+            (checkpoint_dir / "placement.json").write_text(json.dumps({"node_ids": nodes}))
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -489,7 +497,7 @@ def build_trainer(tcfg: TrainConfig, dcfg: DistillConfig, *, storage_path: str, 
     if dcfg.batch_size % tcfg.workers:
         raise SinkdError(f"batch_size={dcfg.batch_size} is not divisible by workers={tcfg.workers} — choose b "
                          f"as a multiple of the number of workers")
-    resources = {"CPU": tcfg.cpus_per_worker}
+    resources = {"CPU": tcfg.cpus_per_worker, **parse_resources(tcfg.worker_resources)}
     if tcfg.gpus_per_worker:
         resources["GPU"] = tcfg.gpus_per_worker
     return TorchTrainer(

@@ -188,16 +188,34 @@ def cola_fixture_dir(tmp_path_factory) -> Path:
     return write_cola_fixture(tmp_path_factory.mktemp("glue"))
 
 
+# Every node of the test cluster carries one unit of this resource: a worker asking for it takes a whole node,
+# which is how the multi-node test forces two concurrent trials onto different nodes.
+NODE_SLOT = "sinkd_test_node"
+
+
 @pytest.fixture(scope="session")
-def ray_runtime():
-    """One local Ray runtime per test session (4 logical CPUs so a 2-worker run and its controller fit)."""
+def ray_cluster():
+    """One local Ray runtime per test session: a head and one worker node (2 logical CPUs each), so that the
+    multi-node test and every other Ray test share it. A second local cluster on the same machine would fight
+    this one over the dashboard's ports and could take its raylet down."""
     import ray
+    from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(num_cpus=4, include_dashboard=None, log_to_driver=False, ignore_reinit_error=True)
-    # Subprocesses (CLI tests) attach to this runtime: a second local Ray cluster on the same machine
-    # fights this one over the dashboard's ports and can take its raylet down.
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    yield ray
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {NODE_SLOT: 1}})
+    cluster.add_node(num_cpus=2, resources={NODE_SLOT: 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    # Subprocesses (CLI tests) attach to this runtime.
+    os.environ["RAY_ADDRESS"] = cluster.address
+    yield cluster
     os.environ.pop("RAY_ADDRESS", None)
     ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_runtime(ray_cluster):
+    import ray
+
+    return ray
