@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -251,7 +252,7 @@ def distill(tcfg: TrainConfig, dcfg: DistillConfig, *, report: ReportFn, teacher
 
     ``report(metrics, checkpoint_dir)`` is called after every evaluation; ``checkpoint_dir`` is only given
     on rank 0 and is deleted after the call returns (``checkpoint=False``: never written, always None).
-    ``teacher_cache`` maps split -> cached-logits file; it is ignored with an online teacher.
+    ``teacher_cache`` maps split -> cached-logits file (or the tensor itself); ignored with an online teacher.
     """
     if dcfg.batch_size % world:
         raise SinkdError(f"batch_size={dcfg.batch_size} is not divisible by workers={world} — the Sinkhorn "
@@ -274,7 +275,8 @@ def distill(tcfg: TrainConfig, dcfg: DistillConfig, *, report: ReportFn, teacher
     distilling = tcfg.teacher is not None
     teacher_logits: TeacherLogits | None = None
     if distilling and teacher_cache and not dcfg.online_teacher:
-        teacher_logits = TeacherLogits(cached={s: load_teacher_logits(p) for s, p in teacher_cache.items()})
+        teacher_logits = TeacherLogits(cached={s: p if isinstance(p, torch.Tensor) else load_teacher_logits(p)
+                                               for s, p in teacher_cache.items()})
     elif distilling:
         if dcfg.online_teacher and tcfg.teacher_quantization:
             raise SinkdError("--online-teacher trains LoRA modules on a full-precision teacher: drop "
@@ -421,8 +423,11 @@ def ray_worker(config: dict) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     tcfg, dcfg = TrainConfig(**config["train"]), DistillConfig.from_dict(config["distill"])
+    cache = config.get("teacher_cache")
+    if cache:  # shipped through the object store when the driver's disk is not shared (ship_teacher_cache)
+        cache = {s: ray.get(v) if isinstance(v, ray.ObjectRef) else v for s, v in cache.items()}
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as resume_dir:
-        distill(tcfg, dcfg, report=report, teacher_cache=config.get("teacher_cache"),
+        distill(tcfg, dcfg, report=report, teacher_cache=cache,
                 resume_dir=Path(resume_dir) if resume_dir else None, rank=ctx.get_world_rank(),
                 world=ctx.get_world_size(), device=ray.train.torch.get_device())
 
@@ -433,6 +438,29 @@ def ray_worker(config: dict) -> None:
 def _absolute_if_local(path: str | None) -> str | None:
     """Workers run in another directory: a relative local path must travel as an absolute one."""
     return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
+
+
+def is_remote(storage: str) -> bool:
+    """s3://, gs://, … : shared by every node. A plain folder is only shared if the nodes mount it."""
+    return "://" in storage
+
+
+def local_work_dir(storage: str) -> Path:
+    """Where the driver keeps fine-tuned teachers, teacher-logit caches and exported students: the storage
+    folder itself when it is local, else $SINKD_CACHE_DIR (default ~/.cache/sinkd_ray) on the driver."""
+    if not is_remote(storage):
+        return Path(storage)
+    return Path(os.environ.get("SINKD_CACHE_DIR") or "~/.cache/sinkd_ray").expanduser()
+
+
+def ship_teacher_cache(cache: dict[str, str] | None, storage: str) -> dict | None:
+    """With remote storage, workers on other nodes cannot read the driver's cache files: send the logits
+    through Ray's object store (a few MB for GLUE label spaces). Needs ``ray.init`` first."""
+    if not cache or not is_remote(storage):
+        return cache
+    import ray
+
+    return {split: ray.put(load_teacher_logits(path)) for split, path in cache.items()}
 
 
 def preflight(tcfg: TrainConfig) -> TrainConfig:
@@ -516,13 +544,24 @@ def build_trainer(tcfg: TrainConfig, dcfg: DistillConfig, *, storage_path: str, 
     )
 
 
-def best_checkpoint_dir(result) -> Path:
-    """The kept checkpoint with the best dev metric (``num_to_keep`` deletes the others)."""
-    kept = [(metrics.get("dev_metric", float("-inf")), Path(ckpt.path)) for ckpt, metrics in result.best_checkpoints
-            if (Path(ckpt.path) / STUDENT_DIR).is_dir()]
-    if not kept:
-        raise SinkdError(f"the run under {result.path} left no checkpoint — see its worker logs")
-    return max(kept, key=lambda pair: pair[0])[1]
+def _on_local_disk(item) -> bool:
+    """A Ray Checkpoint / Result on the local filesystem (objects without a filesystem count as local)."""
+    import pyarrow.fs
+
+    return isinstance(getattr(item, "filesystem", None) or pyarrow.fs.LocalFileSystem(), pyarrow.fs.LocalFileSystem)
+
+
+def best_checkpoint_dir(result, download_to: Path | None = None) -> Path:
+    """The kept checkpoint with the best dev metric (``num_to_keep`` deletes the others), as a local folder:
+    a checkpoint on remote storage is downloaded (into ``download_to``, else a new temporary folder)."""
+    ranked = sorted(((metrics.get("dev_metric", float("-inf")), ckpt) for ckpt, metrics in result.best_checkpoints),
+                    key=lambda pair: pair[0], reverse=True)
+    for _, ckpt in ranked:
+        local = Path(ckpt.path) if _on_local_disk(ckpt) else \
+            Path(ckpt.to_directory(str(download_to) if download_to else None))
+        if (local / STUDENT_DIR).is_dir():  # a listed checkpoint whose files are gone is skipped
+            return local
+    raise SinkdError(f"the run under {result.path} left no checkpoint — see its worker logs")
 
 
 def export_best_student(result, output_dir: Path) -> dict:
@@ -532,7 +571,7 @@ def export_best_student(result, output_dir: Path) -> dict:
     """
     best = best_checkpoint_dir(result)
     run_dir, out = Path(result.path).resolve(), output_dir.resolve()
-    if out == run_dir or run_dir in out.parents:
+    if _on_local_disk(result) and (out == run_dir or run_dir in out.parents):
         raise SinkdError(f"--output-dir {output_dir} overlaps the run's own folder {run_dir} — choose another")
     shutil.copytree(best / STUDENT_DIR, output_dir, dirs_exist_ok=True)
     metrics = json.loads((best / "metrics.json").read_text())
@@ -573,8 +612,9 @@ def run(tcfg: TrainConfig, dcfg: DistillConfig, *, storage: str, name: str, outp
     from ray.train import TrainingFailedError
 
     tcfg = preflight(tcfg)
-    teacher_cache = prepare_teacher_cache(tcfg, Path(storage) / "teacher_cache", dcfg)
+    teacher_cache = prepare_teacher_cache(tcfg, local_work_dir(storage) / "teacher_cache", dcfg)
     ray.init(ignore_reinit_error=True)
+    teacher_cache = ship_teacher_cache(teacher_cache, storage)
     try:
         result = build_trainer(tcfg, dcfg, storage_path=storage, name=name, teacher_cache=teacher_cache,
                                callbacks=callbacks).fit()
@@ -603,7 +643,7 @@ def finetune_teacher(base: str, tcfg: TrainConfig, *, storage: str, output_dir: 
     tcfg = replace(tcfg, student=base, student_layers=None, teacher=None)
     settings = json.dumps({k: v for k, v in asdict(tcfg).items() if k not in ("fault_at_step",)}, sort_keys=True)
     key = hashlib.sha256((model_fingerprint(base) + settings).encode()).hexdigest()[:12]
-    output_dir = output_dir or Path(storage) / "teachers" / f"{tcfg.task}-{key}"
+    output_dir = output_dir or local_work_dir(storage) / "teachers" / f"{tcfg.task}-{key}"
     if (output_dir / "dev_metrics.json").exists():
         metrics = json.loads((output_dir / "dev_metrics.json").read_text())
         print(f"teacher: reusing {output_dir} (dev {metrics['dev_metric']:.4f})")
@@ -643,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SinkdError("no --teacher given: pass a fine-tuned teacher, or --alpha 0 --beta 0 for CE only")
     task = get_task(tcfg.task)  # fail fast on an unknown task
     name = args.name or f"{tcfg.task}-student-{time.strftime('%Y%m%d-%H%M%S')}"
-    output = Path(args.output_dir) if args.output_dir else Path(storage) / f"{name}-best"
+    output = Path(args.output_dir) if args.output_dir else local_work_dir(storage) / f"{name}-best"
     t0 = time.time()
     best = run(tcfg, dcfg, storage=storage, name=name, output_dir=output, callbacks=[PrintProgress()])
     print(f"done in {time.time() - t0:.0f}s: best dev {task.metric}={best['dev_metric']:.4f} at step "

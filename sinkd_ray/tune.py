@@ -82,6 +82,8 @@ def _storage(path: str) -> str:
 
 
 def _latest_study(storage: str, task: str) -> str | None:
+    if "://" in storage:
+        return None  # not listed on remote storage: --resume needs --name there
     studies = sorted(Path(storage).glob(f"{task}-*/tuner.pkl"), key=lambda p: p.stat().st_mtime)
     return studies[-1].parent.name if studies else None
 
@@ -119,7 +121,7 @@ def best_trial_checkpoint(train_storage: str, trial_id: str) -> Path:
 
     from sinkd_ray.train import best_checkpoint_dir
 
-    return best_checkpoint_dir(ray.train.Result.from_path(str(Path(train_storage) / f"trial_{trial_id}")))
+    return best_checkpoint_dir(ray.train.Result.from_path(f"{train_storage}/trial_{trial_id}"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,20 +180,23 @@ def _main(argv: list[str]) -> int:
         study = study or _latest_study(storage, task.name)
         if study is None or not tune.Tuner.can_restore(f"{storage}/{study}"):
             raise SinkdError(f"no study {'named ' + study if study else 'of ' + task.name} to resume under "
-                             f"{storage} — run without --resume to start one")
+                             f"{storage} — run without --resume to start one"
+                             + (" (on remote storage, name it: --resume --name <study>)" if not study else ""))
     else:
         study = study or f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if Path(storage, study, "tuner.pkl").exists():
+        if "://" not in storage and Path(storage, study, "tuner.pkl").exists():
             raise SinkdError(f"study '{study}' already exists under {storage} — add --resume to continue it, "
                              f"or choose another --name")
 
     # Teacher and its logits: once per study, before any trial starts.
-    from sinkd_ray.train import finetune_teacher, prepare_teacher_cache
+    from sinkd_ray.train import finetune_teacher, local_work_dir, prepare_teacher_cache, ship_teacher_cache
+
+    work = local_work_dir(storage)  # teachers, logit caches, exported students: the driver's disk
 
     if tcfg.teacher is None:
         teacher_cfg = replace(tcfg, epochs=study_cfg.teacher_epochs, lr=study_cfg.teacher_lr, workers=1)
         tcfg = replace(tcfg, teacher=str(finetune_teacher(study_cfg.teacher_base, teacher_cfg, storage=storage)))
-    teacher_cache = prepare_teacher_cache(tcfg, Path(storage) / "teacher_cache")
+    teacher_cache = prepare_teacher_cache(tcfg, work / "teacher_cache")
 
     # MLflow: the study's parent run (reused on resume).
     from mlflow.tracking import MlflowClient
@@ -212,10 +217,10 @@ def _main(argv: list[str]) -> int:
         client.log_param(parent_id, k, v)
     callback = tracking.TrialRunsCallback(tracking_uri, experiment, parent_id, tags)
 
-    setup = {"train": dataclasses.asdict(tcfg), "distill": dcfg.to_dict(), "teacher_cache": teacher_cache,
-             "train_storage": f"{storage}/{study}-train"}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 0.01})
     ray.init(ignore_reinit_error=True)
+    setup = {"train": dataclasses.asdict(tcfg), "distill": dcfg.to_dict(),
+             "teacher_cache": ship_teacher_cache(teacher_cache, storage), "train_storage": f"{storage}/{study}-train"}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 0.01})
     t0 = time.time()
     if study_cfg.resume:
         print(f"resuming study {study}")
@@ -257,17 +262,15 @@ def _main(argv: list[str]) -> int:
     board = board[[c for c in keep if c in board.columns]]
     best_id = board.iloc[0]["trial_id"]
     best_row = board.iloc[0]
-    best_ckpt = best_trial_checkpoint(setup["train_storage"], best_id)
-    student_dir = Path(storage, study, "best_student") if "://" not in storage else best_ckpt / "student"
-    if "://" not in storage:
-        if student_dir.exists():
-            shutil.rmtree(student_dir)
-        shutil.copytree(best_ckpt / "student", student_dir)
-        shutil.copy(best_ckpt / "metrics.json", student_dir / "dev_metrics.json")
+    best_ckpt = best_trial_checkpoint(setup["train_storage"], best_id)  # downloaded if remote
+    student_dir = work / study / "best_student"
+    if student_dir.exists():
+        shutil.rmtree(student_dir)
+    shutil.copytree(best_ckpt / "student", student_dir)
+    shutil.copy(best_ckpt / "metrics.json", student_dir / "dev_metrics.json")
 
     runs = tracking.trial_run_ids(client, experiment_id, parent_id)
-    tracking.log_study_summary(client, parent_id, board, space.optuna_space(), METRIC,
-                               Path(storage, study, "summary"))
+    tracking.log_study_summary(client, parent_id, board, space.optuna_space(), METRIC, work / study / "summary")
     model_name = f"sinkd-{task.name}-student"
     version = tracking.register_student(client, model_name, runs[best_id], student_dir) if study_cfg.register \
         else None

@@ -122,3 +122,34 @@ def test_a_study_places_trials_on_both_nodes_and_completes(tmp_path, ray_cluster
 
     student = load_student(local, get_task("cola"))
     assert student(torch.tensor([[2, 5, 3]]), torch.ones(1, 3, dtype=torch.long)).shape == (1, 2)
+
+
+@pytest.mark.ray
+def test_a_study_on_uri_storage_ships_the_teacher_cache_and_downloads_the_best(tmp_path, ray_cluster, tiny_bert_dir,
+                                                                            tiny_teacher_dir, cola_fixture_dir,
+                                                                            monkeypatch, capsys):
+    """The s3:// / gs:// code path, offline: a file:// URI is storage Ray reaches through pyarrow, like a bucket.
+    Teacher logits travel through the object store, the driver's files go to $SINKD_CACHE_DIR, and the best
+    checkpoint is fetched from the storage URI before it is registered."""
+    from mlflow.tracking import MlflowClient
+
+    from sinkd_ray.tune import main as tune_main
+
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE.replace("[1.0e-2, 3.0e-3]", "[1.0e-2]"))
+    monkeypatch.setenv("SINKD_CACHE_DIR", str(tmp_path / "driver-cache"))
+    bucket = tmp_path / "bucket"
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["--task", "cola", "--teacher", str(tiny_teacher_dir), "--student", str(tiny_bert_dir),
+            "--student-layers", "2", "--data-dir", str(cola_fixture_dir), "--search-space", str(space),
+            "--storage-path", bucket.as_uri(), "--tracking-uri", tracking, "--max-length", "32",
+            "--eval-batch-size", "20", "--num-trials", "1", "--name", "remote"]
+    assert tune_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "registered model: sinkd-cola-student" in out
+    assert list((tmp_path / "driver-cache" / "teacher_cache").glob("*.safetensors"))
+    assert (tmp_path / "driver-cache" / "remote" / "best_student" / "config.json").exists()
+    assert list((bucket / "remote-train").glob("trial_*/checkpoint_*/student/config.json"))
+    assert not (bucket / "teacher_cache").exists()  # the driver's cache stays on the driver
+    client = MlflowClient(tracking)
+    assert client.get_model_version_by_alias("sinkd-cola-student", "best").version == "1"
