@@ -165,3 +165,16 @@ def test_online_teacher_refuses_a_quantized_teacher(tiny_bert_dir, tiny_teacher_
     tcfg = _tcfg(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, teacher_quantization="8bit")
     with pytest.raises(SinkdError, match="online-teacher"):
         distill(tcfg, DistillConfig(batch_size=16, online_teacher=True), report=lambda m, d: None)
+
+
+def test_both_are_selectable_from_the_train_command_line():
+    from sinkd_ray.cli import config_from_args
+    from sinkd_ray.train import build_parser
+
+    args = build_parser().parse_args(["--gamma", "0.5", "--ranking-k", "3", "--ranking-kind", "logistic",
+                                      "--online-teacher", "--online-lr", "3e-4", "--online-rank", "4"])
+    dcfg = config_from_args(DistillConfig, args)
+    assert (dcfg.gamma, dcfg.ranking_k, dcfg.ranking_kind) == (0.5, 3, "logistic")
+    assert dcfg.online_teacher and dcfg.online_lr == 3e-4 and dcfg.online_rank == 4
+    help_text = build_parser().format_help()
+    assert "--online-teacher" in help_text and "--gamma" in help_text

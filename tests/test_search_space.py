@@ -29,6 +29,18 @@ def test_default_space_searches_all_the_papers_knobs():
     space = load_search_space("default")
     assert {"lr", "alpha", "beta", "batch_size", "tau_kl", "tau_sd", "sinkhorn_lambda"} <= set(space.search)
     assert space.search["lr"].kind == "loguniform"
+    assert 0.0 in space.search["gamma"].values  # the ranking term, with "off" reachable
+
+
+def test_ranking_and_online_teacher_are_searchable(tmp_path):
+    path = tmp_path / "related.yaml"
+    path.write_text("search:\n  gamma: {uniform: [0.0, 1.0]}\n  online_teacher: {choice: [false, true]}\n"
+                    "  online_lr: {loguniform: [1.0e-5, 1.0e-3]}\nfixed:\n  ranking_k: 3\n")
+    space = load_search_space(str(path))
+    assert space.search["online_teacher"].values == (False, True)
+    distill_fixed, _ = space.split({})
+    assert distill_fixed["ranking_k"] == 3
+    assert set(space.optuna_space()) == {"gamma", "online_teacher", "online_lr"}
 
 
 def test_task_overrides_apply_only_to_their_task():
@@ -56,6 +68,8 @@ def test_task_overrides_apply_only_to_their_task():
     ("- just a list\n", "expected a mapping"),
     ("search: {lr: [1\n", "not valid YAML"),
     ("tasks:\n  rte: {fixed: {alpha: 2.0}}\n", "tasks.rte fixed: key 'alpha': alpha=2.0 is outside [0, 1]"),
+    ("search:\n  gamma: {uniform: [-1.0, 1.0]}\n", "key 'gamma': gamma=-1.0 is outside [0, inf)"),
+    ("fixed:\n  online_teacher: maybe\n", "key 'online_teacher'"),
 ])
 def test_bad_files_are_one_line_errors_naming_file_and_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
