@@ -80,37 +80,51 @@ fixed:
 
 
 @pytest.mark.ray
-def test_a_study_places_trials_on_both_nodes_and_completes(tmp_path, ray_cluster, tiny_bert_dir, tiny_teacher_dir,
-                                                          cola_fixture_dir, capsys):
+def test_a_study_on_two_nodes_and_uri_storage_completes(tmp_path, ray_cluster, tiny_bert_dir, tiny_teacher_dir,
+                                                        cola_fixture_dir, monkeypatch, capsys):
     """Two concurrent trials, each worker needing the one unit of NODE_SLOT every node has: they must run on
-    different nodes (a head and a worker node of the session's local cluster)."""
+    different nodes (the head and the worker node of the session's local cluster).
+
+    The storage is a file:// URI, which Ray reaches through pyarrow exactly like s3:// or gs://: the teacher's
+    logits travel through the object store, the driver's own files go to $SINKD_CACHE_DIR, and the best
+    checkpoint is fetched from the storage URI before it is registered."""
     import mlflow
     from conftest import NODE_SLOT
     from mlflow.tracking import MlflowClient
 
     import ray
     from sinkd_ray.models import load_student
+    from sinkd_ray.tasks import get_task
     from sinkd_ray.tune import main as tune_main
 
     assert len([n for n in ray.nodes() if n["Alive"]]) >= 2
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
-    storage = tmp_path / "runs"
+    monkeypatch.setenv("SINKD_CACHE_DIR", str(tmp_path / "driver-cache"))
+    bucket, tracking = tmp_path / "bucket", f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = ["--task", "cola", "--teacher", str(tiny_teacher_dir), "--student", str(tiny_bert_dir),
             "--student-layers", "2", "--data-dir", str(cola_fixture_dir), "--search-space", str(space),
-            "--storage-path", str(storage), "--max-length", "32", "--eval-batch-size", "20", "--seed", "0",
-            "--num-trials", "2", "--max-concurrent-trials", "2", "--cpus-per-worker", "1",
-            "--worker-resources", f"{NODE_SLOT}=1", "--name", "multinode"]
+            "--storage-path", bucket.as_uri(), "--tracking-uri", tracking, "--max-length", "32",
+            "--eval-batch-size", "20", "--seed", "0", "--num-trials", "2", "--max-concurrent-trials", "2",
+            "--cpus-per-worker", "1", "--worker-resources", f"{NODE_SLOT}=1", "--name", "multinode"]
     assert tune_main(argv) == 0
     assert "registered model: sinkd-cola-student" in capsys.readouterr().out
 
-    placements = [json.loads(p.read_text())["node_ids"] for p in (storage / "multinode-train").glob(
+    # Trials ran on two different nodes (placement.json: the node of every rank, written by the workers).
+    placements = [json.loads(p.read_text())["node_ids"] for p in (bucket / "multinode-train").glob(
         "trial_*/checkpoint_*/placement.json")]
     trial_nodes = {nodes[0] for nodes in placements}
     assert len(placements) == 2 and len(trial_nodes) == 2, placements
     assert trial_nodes <= {n["NodeID"] for n in ray.nodes()}
 
-    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    # Checkpoints live on the storage URI; the driver's cache and exported student on the driver.
+    assert len(list((bucket / "multinode-train").glob("trial_*/checkpoint_*/student/config.json"))) == 2
+    assert list((tmp_path / "driver-cache" / "teacher_cache").glob("*.safetensors"))
+    assert (tmp_path / "driver-cache" / "multinode" / "best_student" / "config.json").exists()
+    assert not (bucket / "teacher_cache").exists()
+
+    # Results and the registered model are complete.
+    client = MlflowClient(tracking)
     experiment = client.get_experiment_by_name("sinkd-cola")
     runs = client.search_runs([experiment.experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -118,38 +132,5 @@ def test_a_study_places_trials_on_both_nodes_and_completes(tmp_path, ray_cluster
     version = client.get_model_version_by_alias("sinkd-cola-student", "best")
     local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp_path / "dl"),
                                                 tracking_uri=client.tracking_uri)
-    from sinkd_ray.tasks import get_task
-
     student = load_student(local, get_task("cola"))
     assert student(torch.tensor([[2, 5, 3]]), torch.ones(1, 3, dtype=torch.long)).shape == (1, 2)
-
-
-@pytest.mark.ray
-def test_a_study_on_uri_storage_ships_the_teacher_cache_and_downloads_the_best(tmp_path, ray_cluster, tiny_bert_dir,
-                                                                            tiny_teacher_dir, cola_fixture_dir,
-                                                                            monkeypatch, capsys):
-    """The s3:// / gs:// code path, offline: a file:// URI is storage Ray reaches through pyarrow, like a bucket.
-    Teacher logits travel through the object store, the driver's files go to $SINKD_CACHE_DIR, and the best
-    checkpoint is fetched from the storage URI before it is registered."""
-    from mlflow.tracking import MlflowClient
-
-    from sinkd_ray.tune import main as tune_main
-
-    space = tmp_path / "space.yaml"
-    space.write_text(SPACE.replace("[1.0e-2, 3.0e-3]", "[1.0e-2]"))
-    monkeypatch.setenv("SINKD_CACHE_DIR", str(tmp_path / "driver-cache"))
-    bucket = tmp_path / "bucket"
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = ["--task", "cola", "--teacher", str(tiny_teacher_dir), "--student", str(tiny_bert_dir),
-            "--student-layers", "2", "--data-dir", str(cola_fixture_dir), "--search-space", str(space),
-            "--storage-path", bucket.as_uri(), "--tracking-uri", tracking, "--max-length", "32",
-            "--eval-batch-size", "20", "--num-trials", "1", "--name", "remote"]
-    assert tune_main(argv) == 0
-    out = capsys.readouterr().out
-    assert "registered model: sinkd-cola-student" in out
-    assert list((tmp_path / "driver-cache" / "teacher_cache").glob("*.safetensors"))
-    assert (tmp_path / "driver-cache" / "remote" / "best_student" / "config.json").exists()
-    assert list((bucket / "remote-train").glob("trial_*/checkpoint_*/student/config.json"))
-    assert not (bucket / "teacher_cache").exists()  # the driver's cache stays on the driver
-    client = MlflowClient(tracking)
-    assert client.get_model_version_by_alias("sinkd-cola-student", "best").version == "1"

@@ -178,3 +178,28 @@ def test_both_are_selectable_from_the_train_command_line():
     assert dcfg.online_teacher and dcfg.online_lr == 3e-4 and dcfg.online_rank == 4
     help_text = build_parser().format_help()
     assert "--online-teacher" in help_text and "--gamma" in help_text
+
+
+@pytest.mark.parametrize("family_dir", ["tiny_t5_dir", "tiny_gptneo_dir", "tiny_teacher_dir"])
+def test_online_modules_attach_to_every_model_family(request, family_dir, cola_fixture_dir):
+    from sinkd_ray.data import load_split, tokenize_split
+    from sinkd_ray.models import load_teacher
+    from sinkd_ray.tasks import get_task
+    from sinkd_ray.train import OnlineTeacher, TeacherLogits
+
+    task = get_task("cola")
+    teacher = load_teacher(str(request.getfixturevalue(family_dir)), task)
+    tokenized = tokenize_split(load_split(task, "train", str(cola_fixture_dir)), task, teacher.tokenizer, 32,
+                               prompt=teacher.family != "encoder")
+    online = OnlineTeacher(TeacherLogits(teacher=teacher, tokenized={"train": tokenized}),
+                           DistillConfig(batch_size=4, online_teacher=True, online_lr=1e-2), total_steps=2,
+                           warmup_steps=0)
+    base = {n: p.detach().clone() for n, p in teacher.hf_model.named_parameters() if "lora_" not in n}
+    idx = torch.tensor([0, 1, 2, 3])
+    t_logits = online.logits(idx, torch.device("cpu"))
+    assert t_logits.shape == (4, 2) and t_logits.requires_grad
+    online.loss(t_logits, torch.randn(4, 2), torch.tensor(tokenized["labels"][:4])).backward()
+    online.step()
+    after = dict(teacher.hf_model.named_parameters())
+    assert all(torch.equal(after[n].detach(), v) for n, v in base.items())
+    assert any(not torch.equal(p.detach(), torch.zeros_like(p)) for n, p in online.params.items() if "lora_B" in n)
