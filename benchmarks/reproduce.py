@@ -165,13 +165,10 @@ def run_key(tcfg: TrainConfig, dcfg: DistillConfig) -> str:
 
 def resolve_teacher(args, out_dir: Path) -> tuple[str, dict | None]:
     """A fine-tuned teacher: the given one, or a base model fine-tuned once (reused by fingerprint)."""
-    from sinkd_ray.models import detect_family, load_config
-    from sinkd_ray.train import finetune_teacher
+    from sinkd_ray.models import load_config
+    from sinkd_ray.train import finetune_teacher, has_task_head
 
-    task = get_task(args.task)
-    config = load_config(args.teacher)
-    trained = any(a.endswith("ForSequenceClassification") for a in (config.architectures or ()))
-    if detect_family(config, None) != "encoder" or (trained and config.num_labels == task.num_labels):
+    if has_task_head(load_config(args.teacher), None, get_task(args.task)):
         return args.teacher, None
     tcfg = TrainConfig(task=args.task, student=args.teacher, data_dir=args.data_dir, max_length=args.max_length,
                        epochs=args.teacher_epochs, lr=args.teacher_lr, cpus_per_worker=float(os.cpu_count() or 1))

@@ -49,12 +49,13 @@ def validate_cluster_config(config: dict, source: str = "cluster config") -> dic
         raise SinkdError(f"{source}: {exc.message} (at {where})") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise SinkdError(f"{source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    total_min = 0
-    for name, node_type in prepared.get("available_node_types", {}).items():
+    head = prepared.get("head_node_type")
+    workers = {name: t for name, t in prepared.get("available_node_types", {}).items() if name != head}
+    for name, node_type in workers.items():
         low, high = node_type.get("min_workers", 0), node_type.get("max_workers", 0)
-        if name != prepared.get("head_node_type") and low > high:
+        if low > high:
             raise SinkdError(f"{source}: node type '{name}' has min_workers={low} > max_workers={high}")
-        total_min += low if name != prepared.get("head_node_type") else 0
+    total_min = sum(t.get("min_workers", 0) for t in workers.values())
     if total_min > prepared.get("max_workers", 0):
         raise SinkdError(f"{source}: the node types' min_workers add up to {total_min}, more than the cluster's "
                          f"max_workers={prepared.get('max_workers')}")

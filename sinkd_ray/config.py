@@ -218,6 +218,11 @@ class DistillConfig(ValidatedConfig):
                 "at least one")
 
 
+def is_remote(storage: str) -> bool:
+    """s3://, gs://, file://, … (a pyarrow URI): what Ray reaches through pyarrow, shared by every node."""
+    return "://" in storage
+
+
 def parse_resources(spec: str | None) -> dict[str, float]:
     """'NAME=AMOUNT[,NAME=AMOUNT]' -> {NAME: AMOUNT}; a malformed spec is a one-line error."""
     if not spec:

@@ -35,10 +35,10 @@ import torch.distributed as dist
 from ray.train import UserCallback
 
 from sinkd_ray.cli import add_config_args, config_from_args, run_cli
-from sinkd_ray.config import DistillConfig, TrainConfig, parse_resources
+from sinkd_ray.config import DistillConfig, TrainConfig, is_remote, parse_resources
 from sinkd_ray.data import GlobalBatchSampler, load_split, make_loader, tokenize_split
 from sinkd_ray.errors import SinkdError
-from sinkd_ray.losses import sinkd_objective
+from sinkd_ray.losses import ce, kl, sinkd_objective
 from sinkd_ray.models import LogitModel, load_student, load_teacher
 from sinkd_ray.tasks import Task, compute_metrics, get_task
 from sinkd_ray.teacher_cache import cached_teacher_logits, load_teacher_logits
@@ -169,8 +169,6 @@ class OnlineTeacher:
 
     def loss(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """L_T = CE(y, z_T) + η·KL_τKL(s ‖ t), gradients to the teacher's modules only."""
-        from sinkd_ray.losses import ce, kl
-
         pull = kl(teacher_logits, student_logits.detach(), self.dcfg.tau_kl, tau_squared=self.dcfg.kl_tau_squared)
         return ce(teacher_logits, labels) + self.dcfg.online_kl_weight * pull
 
@@ -440,11 +438,6 @@ def _absolute_if_local(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
 
 
-def is_remote(storage: str) -> bool:
-    """s3://, gs://, … : shared by every node. A plain folder is only shared if the nodes mount it."""
-    return "://" in storage
-
-
 def local_work_dir(storage: str) -> Path:
     """Where the driver keeps fine-tuned teachers, teacher-logit caches and exported students: the storage
     folder itself when it is local, else $SINKD_CACHE_DIR (default ~/.cache/sinkd_ray) on the driver."""
@@ -482,14 +475,19 @@ def preflight(tcfg: TrainConfig) -> TrainConfig:
     return tcfg
 
 
-def _check_teacher_head(config, tcfg: TrainConfig, task: Task) -> None:
-    """An encoder teacher must carry a trained head for this task: a base model would get a random one."""
+def has_task_head(config, family: str | None, task: Task) -> bool:
+    """Whether a teacher can be used as is: an encoder needs a trained classification head with the task's
+    labels (a base model would get a random one); generative teachers read label words from their LM head."""
     from sinkd_ray.models import detect_family
 
-    if detect_family(config, tcfg.family) != "encoder":
-        return  # generative teachers read label words from their LM head
+    if detect_family(config, family) != "encoder":
+        return True
     trained = any(a.endswith("ForSequenceClassification") for a in (config.architectures or ()))
-    if not trained or config.num_labels != task.num_labels:
+    return trained and config.num_labels == task.num_labels
+
+
+def _check_teacher_head(config, tcfg: TrainConfig, task: Task) -> None:
+    if not has_task_head(config, tcfg.family, task):
         raise SinkdError(f"teacher '{tcfg.teacher}' is not a {task.name} classifier (architectures="
                          f"{config.architectures}, num_labels={config.num_labels}) — fine-tune it first with "
                          f"`python -m sinkd_ray.train --stage teacher --model {tcfg.teacher}`, or give it to "
@@ -665,8 +663,8 @@ class PrintProgress(UserCallback):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    storage = str(Path(args.storage_path).expanduser().resolve()) if "://" not in args.storage_path \
-        else args.storage_path
+    storage = args.storage_path if is_remote(args.storage_path) else \
+        str(Path(args.storage_path).expanduser().resolve())
     if args.stage == "teacher":
         if not args.model:
             raise SinkdError("--stage teacher needs --model <pretrained model dir or hub id>")

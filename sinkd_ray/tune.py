@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sinkd_ray.cli import add_config_args, config_from_args, explicit_dests, run_cli
-from sinkd_ray.config import DistillConfig, TrainConfig
+from sinkd_ray.config import DistillConfig, TrainConfig, is_remote
 from sinkd_ray.errors import SinkdError
 from sinkd_ray.search_space import SearchSpace, load_search_space
 from sinkd_ray.tasks import get_task
@@ -78,11 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _storage(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    return path if is_remote(path) else str(Path(path).expanduser().resolve())
 
 
 def _latest_study(storage: str, task: str) -> str | None:
-    if "://" in storage:
+    if is_remote(storage):
         return None  # not listed on remote storage: --resume needs --name there
     studies = sorted(Path(storage).glob(f"{task}-*/tuner.pkl"), key=lambda p: p.stat().st_mtime)
     return studies[-1].parent.name if studies else None
@@ -113,15 +113,6 @@ def _searcher(space: SearchSpace, seed: int):
     else:
         sampler = optuna.samplers.TPESampler(seed=seed)
     return OptunaSearch(space=space.optuna_space(), metric=METRIC, mode=MODE, sampler=sampler, seed=None)
-
-
-def best_trial_checkpoint(train_storage: str, trial_id: str) -> Path:
-    """The best kept checkpoint of a trial's Ray Train run (Tune's own checkpoint is empty under Train V2)."""
-    import ray.train
-
-    from sinkd_ray.train import best_checkpoint_dir
-
-    return best_checkpoint_dir(ray.train.Result.from_path(f"{train_storage}/trial_{trial_id}"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,12 +157,13 @@ def _main(argv: list[str]) -> int:
     num_trials = study_cfg.num_trials or (space.grid_size() if space.sampler == "grid" else 8)
 
     storage = _storage(study_cfg.storage_path)
-    if "://" in storage and not (study_cfg.tracking_uri or _env("MLFLOW_TRACKING_URI")):
+    if is_remote(storage) and not (study_cfg.tracking_uri or _env("MLFLOW_TRACKING_URI")):
         raise SinkdError("a remote --storage-path needs --tracking-uri (e.g. the cluster's MLflow server)")
-    if "://" not in storage:
+    if not is_remote(storage):
         Path(storage).mkdir(parents=True, exist_ok=True)
 
     import ray
+    import ray.train
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -184,12 +176,13 @@ def _main(argv: list[str]) -> int:
                              + (" (on remote storage, name it: --resume --name <study>)" if not study else ""))
     else:
         study = study or f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if "://" not in storage and Path(storage, study, "tuner.pkl").exists():
+        if not is_remote(storage) and Path(storage, study, "tuner.pkl").exists():
             raise SinkdError(f"study '{study}' already exists under {storage} — add --resume to continue it, "
                              f"or choose another --name")
 
     # Teacher and its logits: once per study, before any trial starts.
-    from sinkd_ray.train import finetune_teacher, local_work_dir, prepare_teacher_cache, ship_teacher_cache
+    from sinkd_ray.train import (export_best_student, finetune_teacher, local_work_dir, prepare_teacher_cache,
+                                 ship_teacher_cache)
 
     work = local_work_dir(storage)  # teachers, logit caches, exported students: the driver's disk
 
@@ -207,7 +200,7 @@ def _main(argv: list[str]) -> int:
         tracking.default_tracking_uri(Path(storage))
     experiment = study_cfg.experiment_name or f"sinkd-{task.name}"
     client = MlflowClient(tracking_uri)
-    artifacts = None if "://" in storage else Path(storage, "mlartifacts").as_uri()
+    artifacts = None if is_remote(storage) else Path(storage, "mlartifacts").as_uri()
     experiment_id = tracking.ensure_experiment(client, experiment, artifacts)
     tags = {"task": task.name, "teacher": tcfg.teacher, "student": f"{tcfg.student}" + (
         f" (first {tcfg.student_layers} layers)" if tcfg.student_layers else ""),
@@ -262,12 +255,11 @@ def _main(argv: list[str]) -> int:
     board = board[[c for c in keep if c in board.columns]]
     best_id = board.iloc[0]["trial_id"]
     best_row = board.iloc[0]
-    best_ckpt = best_trial_checkpoint(setup["train_storage"], best_id)  # downloaded if remote
+    # The best trial's best kept checkpoint (Tune's own checkpoint is empty under Train V2), downloaded if remote.
     student_dir = work / study / "best_student"
     if student_dir.exists():
-        shutil.rmtree(student_dir)
-    shutil.copytree(best_ckpt / "student", student_dir)
-    shutil.copy(best_ckpt / "metrics.json", student_dir / "dev_metrics.json")
+        shutil.rmtree(student_dir)  # this study's own export from an earlier (interrupted) finish
+    export_best_student(ray.train.Result.from_path(f"{setup['train_storage']}/trial_{best_id}"), student_dir)
 
     runs = tracking.trial_run_ids(client, experiment_id, parent_id)
     tracking.log_study_summary(client, parent_id, board, space.optuna_space(), METRIC, work / study / "summary")
