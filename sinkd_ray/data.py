@@ -24,6 +24,8 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
+from datasets.table import InMemoryTable
 from torch.utils.data import DataLoader, Sampler
 
 from sinkd_ray.errors import SinkdError
@@ -213,9 +215,14 @@ def read_local_split(task: Task | str, split: str, data_dir: str | os.PathLike) 
         labels.append(parse_label(raw_label, line_no))
     if not labels:
         raise SinkdError(f"{path} holds no examples — expected the {task.name} {split} split")
-    return datasets.Dataset.from_dict(
-        {**columns, "label": labels, "idx": list(range(len(labels)))}, features=_features(task)
-    )
+    # Built with an explicit fingerprint (the file's bytes): `from_dict` would hash the whole table through
+    # dill, which is slow and, inside Ray workers, prints bytecode into the logs.
+    features = _features(task)
+    table = pa.Table.from_pydict({**columns, "label": labels, "idx": list(range(len(labels)))},
+                                 schema=features.arrow_schema)
+    key = json.dumps([task.name, split, hashlib.sha256(path.read_bytes()).hexdigest()])
+    return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features),
+                            fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
 # ------------------------------------------------------------------------------------------------------- hub
