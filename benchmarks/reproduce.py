@@ -269,7 +269,7 @@ def orderings(records: dict[str, list[dict]]) -> list[str]:
             held = m_lo < m_hi
             clear = abs(m_hi - m_lo) > max(s_lo, s_hi)
             out.append(f"- {name}: {'held' if held else 'did not hold'} ({m_lo:.4f} vs {m_hi:.4f}; "
-                       f"{'gap larger' if clear else 'gap within'} the seed std {max(s_lo, s_hi):.4f})")
+                       f"{'gap larger than' if clear else 'gap within'} the seed std {max(s_lo, s_hi):.4f})")
     return out + [""]
 
 

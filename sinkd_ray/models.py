@@ -399,6 +399,17 @@ def _quantization_config(quantization: str | None, family: str, dtype: torch.dty
     )
 
 
+def _keep_narrow_4bit_layers_on_generic_kernel(model: torch.nn.Module) -> None:
+    """bitsandbytes' AVX512-BF16 CPU kernel repacks nf4 weights per 64-value block of each input row and fails
+    ("shape '[N, 0]' is invalid") when a layer's input width is not a multiple of the block size. Such layers
+    (small models; real checkpoints are 64-aligned) go to bitsandbytes' generic kernel instead, which takes any width."""
+    for module in model.modules():
+        quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if getattr(module, "support_avx512bf16_for_cpu", False) and quant_state is not None:
+            if module.in_features % quant_state.blocksize:
+                module.support_avx512bf16_for_cpu = False
+
+
 class _DropInt8CastWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
@@ -467,6 +478,8 @@ def _load_logit_model(
         raise SinkdError(f"cannot load '{path_or_id}' as a {family} model ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}) — check the path and family=") from err
     _log_loading_info(info, path_or_id, role)
+    if quantization == "4bit":
+        _keep_narrow_4bit_layers_on_generic_kernel(hf_model)
     label_words = tuple(getattr(task, "verbalizer", None) or ()) or None
     if meta.get("label_words") and label_words and list(label_words) != meta["label_words"]:
         logger.warning("'%s' was saved with label words %s; using task '%s' words %s",
