@@ -3,9 +3,11 @@
 
     python benchmarks/bench_step.py --data-dir ../shared/data            # MiniLM-L6 teacher -> 3-layer student
     python benchmarks/bench_step.py --data-dir ../shared/data --quick    # a smoke run
+    python benchmarks/bench_step.py --data-dir ../shared/data --bf16     # adds (d): (c) under bf16 autocast
 
 Prints examples/second (training steps only; evaluation excluded) and the ratios b/a and c/a.
 Target: c/a ≥ 0.9 — with cached logits, distillation should cost about as much as fine-tuning alone.
+(d)/(c) says whether bf16 autocast pays on this CPU: it pays only with native bf16 (AVX-512 BF16 / AMX).
 Rounds alternate a, b, c so that machine noise hits all three alike; the median of the rounds is reported.
 """
 
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="also time (c) under bf16 autocast, as run (d)")
     parser.add_argument("--quick", action="store_true", help="256 examples, 1 round")
     args = parser.parse_args()
     if args.quick:
@@ -72,6 +75,9 @@ def main() -> None:
                                    DistillConfig(batch_size=args.batch_size), None),
         "c) SinKD, cached logits": (base, DistillConfig(batch_size=args.batch_size), cache),
     }
+    if args.bf16:
+        runs["d) c) + bf16 autocast"] = (TrainConfig(**{**base.to_dict(), "bf16": True}),
+                                         DistillConfig(batch_size=args.batch_size), cache)
     results: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(args.rounds):
         for name, (tcfg, dcfg, teacher_cache) in runs.items():
@@ -79,7 +85,7 @@ def main() -> None:
             print(f"  round {r + 1}: {name}: {results[name][-1]:.1f} examples/s", flush=True)
 
     median = {name: statistics.median(v) for name, v in results.items()}
-    a, b, c = median.values()
+    a, b, c = list(median.values())[:3]
     print(f"\nstudent: {student} (first {args.student_layers} layers), teacher: {teacher}")
     print(f"CoLA, {args.examples} examples, b={args.batch_size}, max length 64, {args.threads} threads, "
           f"median of {args.rounds} rounds")
@@ -87,6 +93,8 @@ def main() -> None:
     for name, value in median.items():
         print(f"{name:<28}{value:>12.1f}{value / a:>12.2f}")
     print(f"\nb/a = {b / a:.2f}   c/a = {c / a:.2f}   (target c/a ≥ 0.9: {'met' if c / a >= 0.9 else 'NOT met'})")
+    if args.bf16:
+        print(f"d/c = {median['d) c) + bf16 autocast'] / c:.2f}   (bf16 autocast over float32)")
 
 
 if __name__ == "__main__":
