@@ -276,6 +276,14 @@ def orderings(records: dict[str, list[dict]]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- main
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether bf16 autocast pays here: on AVX-512 BF16 / AMX CPUs it is faster, on AVX2-only ones far slower."""
+    import torch
+
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
 def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -290,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    if not args.bf16 and cpu_has_native_bf16():
+        print("this CPU has native bf16 (AVX-512 BF16 / AMX): --bf16 ran ~1.5x faster on such a CPU")
 
     # Fail fast (one line) on missing data or models, before any training.
     preflight(TrainConfig(task=args.task, student=args.student, data_dir=args.data_dir))
