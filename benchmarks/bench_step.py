@@ -75,9 +75,10 @@ def main() -> None:
                                    DistillConfig(batch_size=args.batch_size), None),
         "c) SinKD, cached logits": (base, DistillConfig(batch_size=args.batch_size), cache),
     }
+    bf16_run = "d) c) + bf16 autocast"
     if args.bf16:
-        runs["d) c) + bf16 autocast"] = (TrainConfig(**{**base.to_dict(), "bf16": True}),
-                                         DistillConfig(batch_size=args.batch_size), cache)
+        runs[bf16_run] = (TrainConfig(**{**base.to_dict(), "bf16": True}),
+                          DistillConfig(batch_size=args.batch_size), cache)
     results: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(args.rounds):
         for name, (tcfg, dcfg, teacher_cache) in runs.items():
@@ -94,7 +95,7 @@ def main() -> None:
         print(f"{name:<28}{value:>12.1f}{value / a:>12.2f}")
     print(f"\nb/a = {b / a:.2f}   c/a = {c / a:.2f}   (target c/a ≥ 0.9: {'met' if c / a >= 0.9 else 'NOT met'})")
     if args.bf16:
-        print(f"d/c = {median['d) c) + bf16 autocast'] / c:.2f}   (bf16 autocast over float32)")
+        print(f"d/c = {median[bf16_run] / c:.2f}   (bf16 autocast over float32)")
 
 
 if __name__ == "__main__":

@@ -405,9 +405,9 @@ def _keep_narrow_4bit_layers_on_generic_kernel(model: torch.nn.Module) -> None:
     (small models; real checkpoints are 64-aligned) go to bitsandbytes' generic kernel instead, which takes any width."""
     for module in model.modules():
         quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if getattr(module, "support_avx512bf16_for_cpu", False) and quant_state is not None:
-            if module.in_features % quant_state.blocksize:
-                module.support_avx512bf16_for_cpu = False
+        fast_kernel = getattr(module, "support_avx512bf16_for_cpu", False)
+        if fast_kernel and quant_state is not None and module.in_features % quant_state.blocksize:
+            module.support_avx512bf16_for_cpu = False
 
 
 class _DropInt8CastWarning(logging.Filter):
