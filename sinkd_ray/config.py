@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sinkd_ray.errors import SinkdError
+from sinkd_ray.models import FAMILIES, LOGIT_SPACE_SETTINGS, QUANTIZATIONS
 from sinkd_ray.losses import (
     DISTRIBUTION_TERMS,
     RANKING_KINDS,
@@ -30,7 +31,6 @@ from sinkd_ray.losses import (
 )
 
 INF = math.inf
-FAMILIES = ("encoder", "encoder-decoder", "decoder")  # the model families of sinkd_ray.models
 
 
 def _fmt_interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
@@ -94,21 +94,30 @@ class ValidatedConfig:
 
 @dataclass
 class DistillConfig(ValidatedConfig):
-    """The SinKD objective  (1 − α)·CE + α·KL_τKL + β·L_SD  and its switches.
+    """The SinKD objective  (1 − α)·CE + α·KL_τKL + β·D  and its switches (``objective.sinkd_objective``).
 
-    ``losses.objective_weights`` shows how the paper's ablation rows map onto these fields.
-    Defaults: the paper's GLUE setting (α = 0.9, β = 0.8, τ_SD = 2, λ = 0.1, T = 20, p = 1).
+    ``objective.objective_weights`` shows how the paper's ablation rows map onto these fields.
+    Defaults: the paper's GLUE setting (α = 0.9, β = 0.8, τ_SD = 2, λ = 0.1, T = 20, p = 1, no τ_KL² factor).
+
+    What β means depends on the mass semantics of the β-weighted term D (``sinkhorn_mass`` × ``sinkhorn_scale``):
+    - ``unit`` (default): the batch-wise plan has total mass 1, so D is an average transport cost per sample and
+      β means the same at every batch size b (b is searched);
+    - the released code's weighting (``sinkhorn_scale_preset: released`` = mass ``batch`` × 0.001): the plan has
+      mass b, so D is 0.001 × b × the unit value. β = 0.8 there equals β = 0.8 × 0.001 × b = 0.013–0.05 under
+      ``unit`` for b = 16–64: a 17–60× different weight for the same number.
+    RKL / JS / TVD in place of Sinkhorn get the same mass and scale (averaged, or summed over b × scale).
     """
 
     alpha: float = field(default=0.9, metadata={
         "help": "α in [0, 1]: weight of the KL term; CE gets (1 − α). "
                 "α=0 gives CE + β·SD, α=1 gives KL + β·SD."})
     beta: float = field(default=0.8, metadata={
-        "help": "β ≥ 0: weight of the distribution-level term (Sinkhorn or its RKL/JS/TVD replacement); "
-                "0 turns it off."})
+        "help": "β ≥ 0: weight of the distribution-level term (Sinkhorn or its RKL/JS/TVD replacement); 0 turns it "
+                "off. Its meaning depends on sinkhorn_mass: 'unit' (default) = plan mass 1, the term is a per-sample "
+                "average; the released preset = mass b × 0.001, where β 0.8 equals β 0.013–0.05 under 'unit' "
+                "(b 16–64)."})
     tau_kl: float = field(default=1.0, metadata={
-        "help": "τ_KL > 0: temperature of the KL term. 1.0 as in the released GLUE scripts (--temperature 1.0); "
-                "with kl_tau_squared the term is scaled by τ² so other values keep the gradient scale."})
+        "help": "τ_KL > 0: temperature of the KL term. 1.0 as in the released GLUE scripts (--temperature 1.0)."})
     tau_sd: float = field(default=2.0, metadata={
         "help": "τ_SD > 0: temperature of the softmax fed to the Sinkhorn term (paper: 2)."})
     sinkhorn_lambda: float = field(default=0.1, metadata={
@@ -123,7 +132,8 @@ class DistillConfig(ValidatedConfig):
     sinkhorn_variant: str = field(default="batch", metadata={
         "choices": SINKHORN_VARIANTS,
         "help": f"Sinkhorn cost: one of {list(SINKHORN_VARIANTS)} — batch-wise b×b (paper's main), sample-wise "
-                "d×d per sample, or flattened bd×bd."})
+                "d×d per sample with the sample's own distributions as marginals (paper Eq. 10–12), the same "
+                "with uniform marginals ('sample_uniform', not the paper's), or flattened bd×bd."})
     distribution_term: str = field(default="sinkhorn", metadata={
         "choices": DISTRIBUTION_TERMS,
         "help": f"β-weighted term: one of {list(DISTRIBUTION_TERMS)} (RKL/JS/TVD are the paper's ablations; "
@@ -134,10 +144,11 @@ class DistillConfig(ValidatedConfig):
         "help": "Include the KL term (weight α)."})
     sinkhorn_mass: str = field(default="unit", metadata={
         "choices": SINKHORN_MASSES,
-        "help": f"one of {list(SINKHORN_MASSES)}: 'unit' = plan mass 1, the term does not grow with b; "
-                "'batch' = unit marginals (mass b) as the released code."})
+        "help": f"one of {list(SINKHORN_MASSES)}: 'unit' = plan mass 1, the β term is a per-sample average "
+                "and does not grow with b; 'batch' = unit marginals (mass b) as the released code, the β term "
+                "(Sinkhorn, or RKL/JS/TVD in its place) is summed over the b samples."})
     sinkhorn_scale: float = field(default=1.0, metadata={
-        "help": "> 0: constant factor on the Sinkhorn term (the released code uses 0.001 with mass 'batch')."})
+        "help": "> 0: constant factor on the β term (the released code uses 0.001 with mass 'batch')."})
     sinkhorn_scale_preset: str | None = field(default=None, metadata={
         "choices": tuple(SINKHORN_PRESETS),
         "help": f"optional, one of {list(SINKHORN_PRESETS)}: sets sinkhorn_mass and sinkhorn_scale together "
@@ -146,8 +157,9 @@ class DistillConfig(ValidatedConfig):
         "choices": SINKHORN_GRADS,
         "help": f"one of {list(SINKHORN_GRADS)}: 'unrolled' differentiates through the T iterations (the paper); "
                 "'envelope' holds the plan constant (cheaper, a different gradient; opt-in)."})
-    kl_tau_squared: bool = field(default=True, metadata={
-        "help": "Multiply the KL term by τ_KL² (Hinton et al.), keeping its gradient scale independent of τ_KL."})
+    kl_tau_squared: bool = field(default=False, metadata={
+        "help": "Multiply the KL term by τ_KL² (Hinton et al.), keeping its gradient scale independent of τ_KL. "
+                "Off by default: the paper's Eq. 19 and the released DistillKL have no τ² factor."})
     sinkhorn_max_cost_elements: int = field(default=SINKHORN_MAX_COST_ELEMENTS, metadata={
         "help": "Largest Sinkhorn cost matrix (elements) allowed before a clear error instead of running out "
                 "of memory (the sample-wise / flattened variants are O(b·d²) / O((bd)²))."})
@@ -253,7 +265,7 @@ class TrainConfig(ValidatedConfig):
     student_layers: int | None = field(default=None, metadata={"help": "keep only the first k transformer layers of --student (the usual student initialisation)", "metavar": "K"})
     teacher: str | None = field(default=None, metadata={"help": "fine-tuned teacher: checkpoint dir or hub id (omit for CE-only training)", "metavar": "PATH"})
     family: str | None = field(default=None, metadata={"help": "model family, detected from the config when omitted", "choices": FAMILIES})
-    logit_space: str = field(default="label", metadata={"help": "generative families: distil label-word logits ('label') or the full next-token distribution ('vocab')", "choices": ("label", "vocab")})
+    logit_space: str = field(default="label", metadata={"help": "generative families: distil label-word logits ('label') or the full next-token distribution ('vocab'); 'paper' = vocab for encoder-decoder and decoder models, label for encoders (the paper's Sec. 5.4)", "choices": LOGIT_SPACE_SETTINGS})
     data_dir: str | None = field(default=None, metadata={"help": "local GLUE/SuperGLUE copy in the original formats (else $SINKD_DATA_DIR, else the hub)", "metavar": "DIR"})
     max_length: int = field(default=128, metadata={"help": "maximum tokens per example (longer inputs are truncated)"})
     epochs: int = field(default=3, metadata={"help": "training epochs"})
@@ -262,7 +274,7 @@ class TrainConfig(ValidatedConfig):
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
     grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches of b per optimiser step (Sinkhorn couples samples within each micro-batch)"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for model forward passes (losses always run in float32)"})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for model forward passes (losses always run in float32). Default: auto = on where the device does bf16 natively (CUDA with bf16; CPUs with AMX or AVX-512 BF16), else float32; --bf16 / --no-bf16 force it"})
     eval_batch_size: int = field(default=64, metadata={"help": "examples per worker per evaluation batch"})
     eval_every_steps: int = field(default=0, metadata={"help": "evaluate, report and checkpoint every N optimiser steps (0: once per epoch)"})
     seed: int = field(default=42, metadata={"help": "seed for new heads, data order and dropout (and, in a study, the Optuna sampler)"})
@@ -297,8 +309,9 @@ class TrainConfig(ValidatedConfig):
             if getattr(self, name) is not None:
                 _check_number(name, getattr(self, name), 1, integer=True)
         _check_choice("family", self.family, (None, *FAMILIES))
-        _check_choice("logit_space", self.logit_space, ("label", "vocab"))
+        _check_choice("logit_space", self.logit_space, LOGIT_SPACE_SETTINGS)
         _check_choice("teacher_source", self.teacher_source, ("cache", "live"))
-        _check_choice("teacher_quantization", self.teacher_quantization, (None, "8bit", "4bit"))
-        _check_bool("bf16", self.bf16)
+        _check_choice("teacher_quantization", self.teacher_quantization, QUANTIZATIONS)
+        if self.bf16 is not None:
+            _check_bool("bf16", self.bf16)
         parse_resources(self.worker_resources)

@@ -25,6 +25,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow as pa
+import torch
 from datasets.table import InMemoryTable
 from torch.utils.data import DataLoader, Sampler
 
@@ -401,4 +402,7 @@ def make_loader(tokenized: datasets.Dataset, tokenizer, batch_sampler: Sampler[l
             f"tokenizer.eos_token) before building the loader"
         )
     collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    return DataLoader(tokenized, batch_sampler=batch_sampler, collate_fn=collator, num_workers=num_workers)
+    # Its own generator: a DataLoader iterator otherwise draws a base seed from torch's global generator, which
+    # would shift the dropout stream of a run resumed from a checkpoint against the uninterrupted run.
+    return DataLoader(tokenized, batch_sampler=batch_sampler, collate_fn=collator, num_workers=num_workers,
+                      generator=torch.Generator())

@@ -30,18 +30,12 @@ algorithm, kept as the reference for the tests and the benchmark.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
 from sinkd_ray.errors import SinkdError
 
-if TYPE_CHECKING:  # the config imports the option sets below, so only import it for type checkers
-    from sinkd_ray.config import DistillConfig
-
-SINKHORN_VARIANTS = ("batch", "sample", "flat")
+SINKHORN_VARIANTS = ("batch", "sample", "sample_uniform", "flat")
 SINKHORN_MASSES = ("unit", "batch")
 SINKHORN_GRADS = ("unrolled", "envelope")
 SINKHORN_DOMAINS = ("auto", "exp", "log")
@@ -294,6 +288,35 @@ def sinkhorn_cost(cost: torch.Tensor, lam: float = 0.1, n_iters: int = 20, *, ma
     return value * cost.shape[-2] if mass == "batch" else value
 
 
+def sinkhorn_cost_with_marginals(cost: torch.Tensor, row_marginals: torch.Tensor, col_marginals: torch.Tensor,
+                                 lam: float = 0.1, n_iters: int = 20, *, grad: str = "unrolled") -> torch.Tensor:
+    """⟨P, C⟩ of each problem with given marginals a (rows) and b (columns), each summing to 1 (Eq. 10–12).
+
+    Log-domain iterations, rows first as everywhere here: with f_0 … and g_0 = 0, for t = 1..T
+        f_t = log a − LSE_j(g_{t−1,j} − C_ij/λ),   g_t = log b − LSE_i(f_t,i − C_ij/λ);
+        P_ij = exp(f_T,i + g_T,j − C_ij/λ).
+    Shapes: cost (..., n, m), a (..., n), b (..., m) -> (...,). Used for the sample-wise variant, whose d × d
+    problems are small: plain autograd through the T iterations (memory O(T·n·m) per problem) gives the
+    gradient w.r.t. the cost *and* the marginals (they are the student's own probabilities); ``grad="envelope"``
+    holds the plan constant instead. Marginal entries are floored at 1e-30 so log a stays finite.
+    """
+    _check_sinkhorn_args(lam, n_iters, "unit", grad, "log", cost)
+    cost, a, b = _compute_dtype(cost), _compute_dtype(row_marginals), _compute_dtype(col_marginals)
+    if a.shape != cost.shape[:-1] or b.shape != cost.shape[:-2] + cost.shape[-1:]:
+        raise SinkdError(f"marginals {tuple(a.shape)} / {tuple(b.shape)} do not fit a cost of shape {tuple(cost.shape)}")
+    with torch.set_grad_enabled(grad == "unrolled" and torch.is_grad_enabled()):
+        neg_cost = -cost / lam
+        log_a, log_b = a.clamp_min(1e-30).log(), b.clamp_min(1e-30).log()
+        g = torch.zeros_like(log_b)
+        for _ in range(int(n_iters)):
+            f = log_a - torch.logsumexp(neg_cost + g.unsqueeze(-2), dim=-1)
+            g = log_b - torch.logsumexp(neg_cost + f.unsqueeze(-1), dim=-2)
+        plan = torch.exp(f.unsqueeze(-1) + g.unsqueeze(-2) + neg_cost)
+    if grad == "envelope":
+        plan = plan.detach()
+    return (plan * cost).sum(dim=(-2, -1))
+
+
 # --------------------------------------------------------------------------------------------------
 # Cost matrices and the Sinkhorn loss on probabilities
 # --------------------------------------------------------------------------------------------------
@@ -370,13 +393,16 @@ def sinkhorn_loss(teacher_probs: torch.Tensor, student_probs: torch.Tensor, *, l
     Every cost matrix has the student on the rows (the released code's cdist(p_s, p_t); the paper's D is
     its transpose), uniform marginals, T iterations rows-then-columns:
       - "batch" (Eq. 13–18): one (b × b) problem, C_ij = ‖s_i − t_j‖_p;  loss = ⟨P, C⟩.
-      - "sample" (Eq. 10–12): b problems (d × d), C^i_mn = |s_i(m) − t_i(n)|; loss = mean_i ⟨P^i, C^i⟩.
-        O(b·d²) memory.
+      - "sample" (Eq. 10–12): b problems (d × d), C^i_mn = |s_i(m) − t_i(n)|, with the sample's own
+        distributions as the marginals (rows s_i, columns t_i; `sinkhorn_cost_with_marginals`);
+        loss = mean_i ⟨P^i, C^i⟩. O(b·d²) memory.
+      - "sample_uniform": the same b problems with uniform marginals 1/d (this project's earlier reading of
+        Table 3, kept for comparison; not the paper's).
       - "flat" (Eq. 20): one (bd × bd) problem over all entries, C_(i,m),(j,n) = |s_i(m) − t_j(n)|.
         O((bd)²) memory.
     ``mass="unit"`` (default): plan mass 1 (sample: mean over samples), so the loss does not change when the
     batch is duplicated and β means the same at every b. ``mass="batch"``: unit marginals as the released
-    code (plan mass b; sample: mass d per problem, summed over samples), so the term grows with b.
+    code (plan mass b; per-sample variants: summed over samples instead of averaged), so the term grows with b.
     The result is multiplied by ``scale`` (``SINKHORN_PRESETS["released"]``: mass="batch", scale=0.001).
     ``grad``: "unrolled" (default, gradient through the T iterations) or "envelope" (opt-in: plan held
     constant; a 23–48 % different gradient at λ = 0.1) — see ``sinkhorn_cost``.
@@ -395,10 +421,13 @@ def sinkhorn_loss(teacher_probs: torch.Tensor, student_probs: torch.Tensor, *, l
         _check_cost_size(b * b, max_cost_elements, f"batch-wise Sinkhorn at b={b}")
         cost = pairwise_distance(student, teacher, p)  # (b, b)
         value = sinkhorn_cost(cost, lam, n_iters, mass=mass, grad=grad, domain=domain)
-    elif variant == "sample":
+    elif variant in ("sample", "sample_uniform"):
         _check_cost_size(b * d * d, max_cost_elements, f"sample-wise Sinkhorn at b={b}, d={d}")
         cost = (student.unsqueeze(-1) - teacher.unsqueeze(-2)).abs()  # (b, d, d)
-        per_sample = sinkhorn_cost(cost, lam, n_iters, mass=mass, grad=grad, domain=domain)
+        if variant == "sample":
+            per_sample = sinkhorn_cost_with_marginals(cost, student, teacher, lam, n_iters, grad=grad)
+        else:
+            per_sample = sinkhorn_cost(cost, lam, n_iters, grad=grad, domain=domain)
         value = per_sample.mean() if mass == "unit" else per_sample.sum()
     else:
         _check_cost_size((b * d) ** 2, max_cost_elements, f"flattened Sinkhorn at b={b}, d={d}")
@@ -437,12 +466,12 @@ def _log_probs(logits: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0, *,
-       tau_squared: bool = True) -> torch.Tensor:
-    """Forward KL  τ²·(1/N) Σ_i Σ_c t_ic (log t_ic − log s_ic),  t = softmax(z_T/τ), s = softmax(z_S/τ).
+       tau_squared: bool = False) -> torch.Tensor:
+    """Forward KL  (1/N) Σ_i Σ_c t_ic (log t_ic − log s_ic),  t = softmax(z_T/τ), s = softmax(z_S/τ)  (Eq. 19).
 
-    Logits (..., d), all leading dims are samples (N of them). τ² (Hinton et al.) keeps the gradient scale
-    independent of τ; ``tau_squared=False`` drops it. The released code uses the cross-entropy −Σ t log s
-    (same gradient, differs by the teacher's entropy) without τ², at τ = 1 where both agree up to it.
+    Logits (..., d), all leading dims are samples (N of them). ``tau_squared=True`` multiplies by τ² (Hinton
+    et al.: keeps the gradient scale independent of τ); the paper and the released ``DistillKL`` do not. The
+    released code uses the cross-entropy −Σ t log s (same gradient, differs by the teacher's entropy).
     """
     log_s, log_t = _log_probs(student_logits, tau), _log_probs(teacher_logits, tau)
     value = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
@@ -502,90 +531,3 @@ def ranking_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: 
     gaps = ranked[:, upper[0]] - ranked[:, upper[1]]  # should be ≥ m
     per_pair = F.relu(margin - gaps) if kind == "hinge" else F.softplus(margin - gaps)
     return per_pair.mean()
-
-
-# --------------------------------------------------------------------------------------------------
-# The combined objective
-# --------------------------------------------------------------------------------------------------
-
-
-def objective_weights(cfg: DistillConfig) -> dict[str, float]:
-    """Weights of the terms: total = w_ce·CE + w_kl·KL + w_sd·SD + w_rank·RANK.
-
-    w_ce = (1 − α) if use_ce else 0;  w_kl = α if use_kl else 0;  w_sd = β unless distribution_term="none";
-    w_rank = γ (the ranking term, ``ranking_loss``; 0 = off, the paper's objective).
-    The paper's ablation rows as settings:
-      SinKD (CE + KL + SD)            defaults (α = 0.9, β = 0.8, distribution_term="sinkhorn")
-      w/o SD (= vanilla KD, CE + KL)  distribution_term="none" (or β = 0)
-      CE + SD (w/o KL)                α = 0           (total = CE + β·SD)
-      KD + SD (w/o CE)                α = 1           (total = KL + β·SD)
-      w/o CE / w/o KL, weights kept   use_ce=False / use_kl=False (the other weights are not renormalised)
-      Sinkhorn → RKL / JS / TVD       distribution_term="rkl" / "js" / "tvd" (at τ_SD, weight β)
-      batch / sample-wise / flat      sinkhorn_variant="batch" / "sample" / "flat"
-    """
-    return {
-        "ce": (1.0 - cfg.alpha) if cfg.use_ce else 0.0,
-        "kl": cfg.alpha if cfg.use_kl else 0.0,
-        "sd": cfg.beta if cfg.distribution_term != "none" else 0.0,
-        "rank": cfg.gamma,
-    }
-
-
-def distribution_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: DistillConfig,
-                      gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """The β-weighted term: Sinkhorn (batch / sample / flat) or its RKL / JS / TVD replacement, at τ_SD."""
-    kind = cfg.distribution_term
-    if kind in ("rkl", "js", "tvd"):
-        return {"rkl": rkl, "js": js, "tvd": tvd}[kind](student_logits, teacher_logits, cfg.tau_sd)
-    teacher = F.softmax(_compute_dtype(teacher_logits) / cfg.tau_sd, dim=-1)
-    student = F.softmax(_compute_dtype(student_logits) / cfg.tau_sd, dim=-1)
-    if gather is not None and cfg.sinkhorn_variant in ("batch", "flat"):
-        teacher, student = gather(teacher), gather(student)
-    return sinkhorn_loss(teacher, student, lam=cfg.sinkhorn_lambda, n_iters=cfg.sinkhorn_iters,
-                         p=cfg.sinkhorn_p, variant=cfg.sinkhorn_variant, mass=cfg.sinkhorn_mass,
-                         scale=cfg.sinkhorn_scale, grad=cfg.sinkhorn_grad,
-                         max_cost_elements=cfg.sinkhorn_max_cost_elements)
-
-
-def sinkd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-                    cfg: DistillConfig, gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SinKD loss  (1 − α)·CE(y, s) + α·KL_τKL(t ‖ s) + β·L_SD (+ γ·L_rank)  and its detached components.
-
-    Shapes: student_logits, teacher_logits (b × d) class logits (any dtype; computed in float32), labels (b,)
-    class indices (may be None when the CE term is off). teacher_logits may be None when only CE is on
-    (teacher fine-tuning, the CE-only baseline).
-    Returns (total, {"ce", "kl", "sd", "rank", "total"}): raw term values as detached 0-dim tensors (no host sync;
-    call .item() when logging); a term whose weight is 0 is not computed and reads 0. Weights and the
-    paper's ablation rows: ``objective_weights``. The teacher logits are detached.
-
-    ``gather``: optional differentiable all-gather, (b_local × d) -> (b_global × d) across data-parallel
-    workers. When given, the batch / flat Sinkhorn runs on the gathered teacher and student probabilities,
-    so W workers × b/W couple like one worker × b; CE, KL, RKL/JS/TVD and the sample-wise Sinkhorn stay
-    local means. Its backward must sum the incoming gradients over ranks, as
-    ``lambda x: torch.cat(torch.distributed.nn.functional.all_gather(x))`` does: every worker then holds
-    W·∂L_SD/∂s_local, and the data-parallel gradient averaging divides by W — the same gradient as one
-    worker with the global batch (checked with 2 gloo processes in tests/test_losses.py).
-    """
-    weights = objective_weights(cfg)
-    if teacher_logits is None:
-        if weights["kl"] or weights["sd"] or weights["rank"]:
-            raise SinkdError("no teacher logits, but the objective has a KL, distribution or ranking term — "
-                             "give a teacher, or set alpha=0, beta=0 and gamma=0 for CE only")
-    else:
-        teacher_logits = teacher_logits.detach()  # the teacher is frozen, also when it runs live
-    zero = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-    terms = {"ce": zero, "kl": zero, "sd": zero, "rank": zero}
-    if weights["ce"] != 0.0:
-        terms["ce"] = ce(student_logits, labels)
-    if weights["kl"] != 0.0:
-        terms["kl"] = kl(student_logits, teacher_logits, cfg.tau_kl, tau_squared=cfg.kl_tau_squared)
-    if weights["sd"] != 0.0:
-        terms["sd"] = distribution_term(student_logits, teacher_logits, cfg, gather)
-    if weights["rank"] != 0.0:
-        terms["rank"] = ranking_loss(student_logits, teacher_logits, cfg.ranking_k, cfg.ranking_margin,
-                                     cfg.ranking_kind)
-    total = sum(weights[name] * terms[name] for name in terms)
-    components = {name: value.detach() for name, value in terms.items()}
-    components["total"] = total.detach()
-    return total, components

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 FAMILIES = ("encoder", "encoder-decoder", "decoder")
 LOGIT_SPACES = ("label", "vocab")
+# What a run may ask for: a logit space, or "paper" (resolved per family by `resolve_logit_space`).
+LOGIT_SPACE_SETTINGS = (*LOGIT_SPACES, "paper")
 QUANTIZATIONS = (None, "8bit", "4bit")
 # Written beside the weights by `LogitModel.save_pretrained` so that a saved student reloads as the same LogitModel.
 META_FILE = "sinkd_logit_model.json"
@@ -116,6 +118,14 @@ def detect_family(config: Any, family: str | None = None) -> str:
         f"cannot tell the family of model_type '{model_type}' (architectures {list(architectures)}) — "
         f"pass family= one of {', '.join(FAMILIES)}"
     )
+
+
+def resolve_logit_space(setting: str | None, family: str) -> str | None:
+    """"paper" → the paper's choice for the family (Sec. 5.4: generative models distil their vocabulary-level
+    distributions, encoders their class head); "label" / "vocab" / None (a saved model's own) unchanged."""
+    if setting == "paper":
+        return "label" if family == "encoder" else "vocab"
+    return setting
 
 
 def label_token_ids(tokenizer: Any, words: tuple[str, ...] | list[str], family: str, template: str = "") -> list[int]:
@@ -448,7 +458,7 @@ def _load_logit_model(
     meta = _read_meta(source) if Path(source).exists() else {}
     config = _load_config(source, path_or_id)
     family = detect_family(config, family or meta.get("family"))
-    logit_space = logit_space or meta.get("logit_space") or "label"
+    logit_space = resolve_logit_space(logit_space, family) or meta.get("logit_space") or "label"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:

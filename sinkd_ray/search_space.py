@@ -33,9 +33,10 @@ from sinkd_ray.errors import SinkdError
 
 SEARCH_SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 KINDS = ("uniform", "loguniform", "int", "choice")
-# Training fields a study may set; the rest (models, paths, workers) come from the command line.
+# Training fields a study file may set; the rest (models, paths, workers) come from the command line.
+# logit_space is never searched in practice, but the paper preset fixes it ("paper": vocabulary for generative models).
 TUNABLE_TRAIN_FIELDS = ("lr", "epochs", "warmup_ratio", "weight_decay", "max_grad_norm", "grad_accum_steps",
-                        "max_length")
+                        "max_length", "logit_space")
 _DISTILL_FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
 _TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name in TUNABLE_TRAIN_FIELDS}
 KNOWN_KEYS = tuple(sorted(set(_DISTILL_FIELDS) | set(_TRAIN_FIELDS)))

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sinkd_ray.data import load_split, make_loader, tokenize_split, GlobalBatchSampler
-from sinkd_ray.models import LogitModel, detect_family, load_config, load_teacher, model_fingerprint
+from sinkd_ray.models import (LogitModel, detect_family, load_config, load_teacher, model_fingerprint,
+                              resolve_logit_space)
 from sinkd_ray.tasks import Task
 
 
@@ -86,7 +87,9 @@ def cached_teacher_logits(teacher: str, task: Task, split: str, *, cache_dir: st
     The file holds one tensor ``logits`` (n × d, float32) indexed by the dataset's ``idx`` column.
     """
     # Only the config is read to build the key, so a cache hit never loads the teacher's weights.
-    prompt = (family or detect_family(load_config(teacher))) != "encoder"
+    family = detect_family(load_config(teacher), family)
+    prompt = family != "encoder"
+    logit_space = resolve_logit_space(logit_space, family)
     key = teacher_logits_key(teacher, task, split, max_length=max_length, logit_space=logit_space,
                              quantization=quantization, bf16=bf16, prompt=prompt)
     path = Path(cache_dir) / key.filename()

@@ -38,7 +38,8 @@ from sinkd_ray.cli import add_config_args, config_from_args, run_cli
 from sinkd_ray.config import DistillConfig, TrainConfig, is_remote, parse_resources
 from sinkd_ray.data import GlobalBatchSampler, load_split, make_loader, tokenize_split
 from sinkd_ray.errors import SinkdError
-from sinkd_ray.losses import ce, kl, sinkd_objective
+from sinkd_ray.hardware import describe_precision, resolve_bf16
+from sinkd_ray.objective import online_teacher_loss, sinkd_objective
 from sinkd_ray.models import LogitModel, load_student, load_teacher
 from sinkd_ray.tasks import Task, compute_metrics, get_task
 from sinkd_ray.teacher_cache import cached_teacher_logits, load_teacher_logits
@@ -170,8 +171,7 @@ class OnlineTeacher:
 
     def loss(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """L_T = CE(y, z_T) + η·KL_τKL(s ‖ t), gradients to the teacher's modules only."""
-        pull = kl(teacher_logits, student_logits.detach(), self.dcfg.tau_kl, tau_squared=self.dcfg.kl_tau_squared)
-        return ce(teacher_logits, labels) + self.dcfg.online_kl_weight * pull
+        return online_teacher_loss(teacher_logits, student_logits, labels, self.dcfg)
 
     def step(self) -> None:
         if dist.is_initialized():
@@ -257,6 +257,9 @@ def distill(tcfg: TrainConfig, dcfg: DistillConfig, *, report: ReportFn, teacher
         raise SinkdError(f"batch_size={dcfg.batch_size} is not divisible by workers={world} — the Sinkhorn "
                          f"batch b is split evenly across workers; choose b as a multiple of {world}")
     task = get_task(tcfg.task)
+    bf16 = resolve_bf16(tcfg.bf16, device)
+    if rank == 0:
+        print(describe_precision(tcfg.bf16, device), flush=True)
     _seed_everything(tcfg.seed)
     state = torch.load(resume_dir / STATE_FILE, weights_only=False) if resume_dir else None
     student_source = str(resume_dir / STUDENT_DIR) if resume_dir else tcfg.student
@@ -287,7 +290,7 @@ def distill(tcfg: TrainConfig, dcfg: DistillConfig, *, report: ReportFn, teacher
         t_prompt = teacher.family != "encoder"
         tok = {"train": tokenize_split(load_split(task, "train", tcfg.data_dir), task, teacher.tokenizer,
                                        tcfg.max_length, prompt=t_prompt)}
-        teacher_logits = TeacherLogits(teacher=teacher, tokenized=tok, bf16=tcfg.bf16)
+        teacher_logits = TeacherLogits(teacher=teacher, tokenized=tok, bf16=bf16)
 
     if dist.is_initialized():
         shard_student(student, world, device)
@@ -342,9 +345,9 @@ def distill(tcfg: TrainConfig, dcfg: DistillConfig, *, report: ReportFn, teacher
         for batch in make_loader(train_ds, student.tokenizer, batches):
             t0 = time.perf_counter()
             labels = batch["labels"].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 s_logits = student(**_model_inputs(batch, device))
-            targets = labels if label_ids is None or tcfg.logit_space == "label" else label_ids.to(device)[labels]
+            targets = labels if student.logit_space == "label" else label_ids.to(device)[labels]
             if online is not None:
                 t_logits = online.logits(batch["idx"], device)
             else:
@@ -379,7 +382,7 @@ def distill(tcfg: TrainConfig, dcfg: DistillConfig, *, report: ReportFn, teacher
             if not at_eval:
                 continue
             dev_metrics = evaluate(student, task, dev_ds, per_worker=tcfg.eval_batch_size, rank=rank,
-                                   world=world, device=device, bf16=tcfg.bf16)
+                                   world=world, device=device, bf16=bf16)
             metrics = {
                 "epoch": progress["epoch"] if epoch_done else progress["epoch"] + progress["batch_in_epoch"] / len(sampler),
                 "step": progress["step"],
@@ -511,7 +514,8 @@ def prepare_teacher_cache(tcfg: TrainConfig, cache_dir: Path, dcfg: DistillConfi
     for split in ("train", "dev"):
         path, computed = cached_teacher_logits(
             tcfg.teacher, task, split, cache_dir=cache_dir, data_dir=tcfg.data_dir, max_length=tcfg.max_length,
-            logit_space=tcfg.logit_space, quantization=tcfg.teacher_quantization, bf16=tcfg.bf16,
+            logit_space=tcfg.logit_space, quantization=tcfg.teacher_quantization,
+            bf16=resolve_bf16(tcfg.bf16, torch.device("cpu")),
             family=tcfg.family)
         print(f"teacher logits for {task.name}/{split}: {'computed' if computed else 'reused'} ({path.name})")
         paths[split] = str(path)

@@ -15,7 +15,7 @@ def test_defaults_are_the_papers_setting():
     assert (cfg.sinkhorn_lambda, cfg.sinkhorn_iters, cfg.sinkhorn_p, cfg.batch_size) == (0.1, 20, 1.0, 32)
     assert (cfg.sinkhorn_variant, cfg.distribution_term, cfg.sinkhorn_mass, cfg.sinkhorn_grad) == (
         "batch", "sinkhorn", "unit", "unrolled")
-    assert cfg.use_ce and cfg.use_kl and cfg.kl_tau_squared and cfg.sinkhorn_scale == 1.0
+    assert cfg.use_ce and cfg.use_kl and not cfg.kl_tau_squared and cfg.sinkhorn_scale == 1.0  # Eq. 19: no τ²
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -34,7 +34,7 @@ def test_defaults_are_the_papers_setting():
     ("sinkhorn_p", math.inf, "sinkhorn_p=inf is outside [1, inf)"),
     ("batch_size", 1, "batch_size=1 is outside [2, inf)"),
     ("batch_size", True, "batch_size=True must be an integer in [2, inf)"),
-    ("sinkhorn_variant", "rows", "sinkhorn_variant='rows' is not one of ['batch', 'sample', 'flat']"),
+    ("sinkhorn_variant", "rows", "sinkhorn_variant='rows' is not one of ['batch', 'sample', 'sample_uniform', 'flat']"),
     ("distribution_term", "kl", "distribution_term='kl' is not one of ['sinkhorn', 'rkl', 'js', 'tvd', 'none']"),
     ("sinkhorn_mass", "total", "sinkhorn_mass='total' is not one of ['unit', 'batch']"),
     ("sinkhorn_grad", "implicit", "sinkhorn_grad='implicit' is not one of ['unrolled', 'envelope']"),

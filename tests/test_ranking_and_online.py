@@ -7,7 +7,8 @@ import torch
 
 from sinkd_ray.config import DistillConfig, TrainConfig
 from sinkd_ray.errors import SinkdError
-from sinkd_ray.losses import objective_weights, ranking_loss, sinkd_objective
+from sinkd_ray.losses import ranking_loss
+from sinkd_ray.objective import objective_weights, sinkd_objective
 from sinkd_ray.train import distill, prepare_teacher_cache
 
 # ------------------------------------------------------------------------------------------ ranking

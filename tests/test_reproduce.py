@@ -63,18 +63,22 @@ def test_reproduce_writes_tables_logs_runs_and_reuses_finished_ones(tmp_path, re
 
 def test_reproduce_row_settings_match_the_paper_ablations(reproduce):
     from sinkd_ray.config import DistillConfig
-    from sinkd_ray.losses import objective_weights
+    from sinkd_ray.objective import objective_weights
 
     base = DistillConfig(alpha=0.9, beta=0.8, sinkhorn_scale_preset="released")
-    weights = {row: objective_weights(reproduce.row_config(base, row, 0.5)) for row in reproduce.ROWS}
+    values = {"gamma": 0.5, "beta": 0.05, "sinkhorn_lambda": 0.2}
+    weights = {row: objective_weights(reproduce.row_config(base, row, values)) for row in reproduce.ROWS}
     assert weights["ce"] == {"ce": pytest.approx(1.0), "kl": 0.0, "sd": 0.0, "rank": 0.0}
     assert weights["ce_kd"]["sd"] == 0.0 and weights["sinkd"]["sd"] == 0.8
     assert weights["kd_sd"]["ce"] == 0.0 and weights["ce_sd"]["kl"] == 0.0
-    assert reproduce.row_config(base, "sample", 0.5).sinkhorn_variant == "sample"
-    assert reproduce.row_config(base, "js", 0.5).distribution_term == "js"
-    assert reproduce.row_config(base, "ranking", 0.5).gamma == 0.5
-    assert reproduce.row_config(base, "online", 0.5).online_teacher
-    assert reproduce.row_config(base, "sinkd", 0.5).sinkhorn_scale == pytest.approx(0.001)
+    assert reproduce.row_config(base, "sample", values).sinkhorn_variant == "sample"
+    assert reproduce.row_config(base, "js", values).distribution_term == "js"
+    assert reproduce.row_config(base, "ranking", values).gamma == 0.5
+    assert reproduce.row_config(base, "online", values).online_teacher
+    assert reproduce.row_config(base, "sinkd", values).sinkhorn_scale == pytest.approx(0.001)
+    unit = reproduce.row_config(base, "sinkd_unit", values)
+    assert (unit.sinkhorn_mass, unit.sinkhorn_scale, unit.beta, unit.sinkhorn_lambda) == ("unit", 1.0, 0.05, 0.2)
+    assert not any(reproduce.row_config(base, row, values).kl_tau_squared for row in reproduce.ROWS)
 
 
 @pytest.mark.parametrize("change, match", [

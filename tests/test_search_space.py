@@ -14,8 +14,8 @@ def test_paper_grid_is_the_papers_grid_exactly():
     assert space.grid_size() == 144
     distill, train = space.split({})
     assert distill == {"tau_sd": 2.0, "sinkhorn_lambda": 0.1, "sinkhorn_iters": 20, "beta": 0.8,
-                       "sinkhorn_mass": "batch", "sinkhorn_scale": 0.001}
-    assert train == {"epochs": 20}  # the released CoLA script
+                       "sinkhorn_mass": "batch", "sinkhorn_scale": 0.001, "kl_tau_squared": False}
+    assert train == {"epochs": 20, "logit_space": "paper"}  # the released CoLA script; Sec. 5.4
 
 
 @pytest.mark.parametrize("path", sorted(SEARCH_SPACES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
@@ -44,8 +44,8 @@ def test_ranking_and_online_teacher_are_searchable(tmp_path):
 
 
 def test_task_overrides_apply_only_to_their_task():
-    assert load_search_space("paper_grid", task="rte").split({})[1] == {"epochs": 5}
-    assert load_search_space("paper_grid", task="cb").split({})[1] == {}
+    assert load_search_space("paper_grid", task="rte").split({})[1] == {"epochs": 5, "logit_space": "paper"}
+    assert load_search_space("paper_grid", task="cb").split({})[1] == {"logit_space": "paper"}
 
 
 @pytest.mark.parametrize("text, message", [

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sinkd_ray.config import DistillConfig, TrainConfig
-from sinkd_ray.losses import sinkd_objective
+from sinkd_ray.objective import sinkd_objective
 from sinkd_ray.models import load_student, load_teacher
 from sinkd_ray.tasks import get_task
 from sinkd_ray.teacher_cache import cached_teacher_logits, load_teacher_logits
