@@ -1,23 +1,25 @@
 """Reproduce the SinKD paper's ablation tables on a local GLUE copy, offline, on a CPU.
 
     python benchmarks/reproduce.py --task cola --data-dir ../shared/data \
-        --teacher <fine-tuned teacher, or a base model to fine-tune> --student <model> --student-layers 3 \
-        --seeds 3 --epochs 2 --jobs 2
+        --teacher <fine-tuned teacher, or a base model to fine-tune> --student <model> --seeds 3 --jobs 2
 
-Steps: (1) a base-model teacher is fine-tuned once (cached by fingerprint under --out-dir/teachers); its
-train/dev logits are cached once; (2) every row of the selected tables trains one student per seed, with the
-same data order and student initialisation per seed across rows (the seed drives both); (3) one Markdown and
-one CSV table per paper table — dev metric mean ± std over seeds (best of the per-epoch evaluations), the
-teacher's score, wall time per run — and every run logged to MLflow under one experiment.
+Steps: (1) the teacher and its logits come through the same preparation as `python -m sinkd_ray.train` and
+`python -m sinkd_ray.tune` (`driver.prepare_run`): a base-model teacher is fine-tuned once (cached by
+fingerprint under --out-dir/teachers), its train/dev logits cached once; (2) every row of the selected tables
+trains one student per seed, with the same data order and student initialisation per seed across rows (the seed
+drives both), in plain processes (no Ray; the workers' own loop, `worker.distill`; `--jobs` in parallel, each
+with cores/jobs threads); (3) one Markdown and one CSV table — dev metric mean ± std over seeds (best of the
+per-epoch evaluations), the share of the teacher–student gap each row closes, the teacher's score, wall time per
+run — and every run logged to MLflow under one experiment.
 
 Paper tables (Cui et al. 2024): 2 = loss components, 3 = batch- vs sample-wise Sinkhorn, 4 = Sinkhorn vs
-RKL / JS / TVD. ``related`` adds the two objectives from the related work (ranking term, online teacher).
-Fixed settings: τ_SD = 2, λ = 0.1, T = 20, β = 0.8 with the released code's Sinkhorn scale (plan mass b,
-factor 0.001: ``--sinkhorn-scale-preset released``), α, τ_KL, lr and b from the paper's per-task scripts;
-every flag overrides. Finished runs are kept in ``<out-dir>/runs.jsonl`` and reused when the command is run
-again with the same settings, so an interrupted reproduction loses nothing.
-
-Students train in plain processes (no Ray): `--jobs` runs in parallel, each with cores/jobs threads.
+RKL / JS / TVD (same β, mass and scale); ``evidence`` = every objective at one budget, with a unit-mass SinKD
+row whose β and λ come from a study (--unit-beta / --unit-lambda); ``related`` = ranking term, online teacher.
+Every TrainConfig / DistillConfig field is a flag (generated from the dataclasses, so defaults cannot drift from
+the CLIs'); fields not typed take the paper's per-task script (PAPER_SCRIPTS) and objective (PAPER_OBJECTIVE:
+τ_SD = 2, λ = 0.1, T = 20, β = 0.8 at the released code's Sinkhorn scale, no τ_KL², vocabulary logits for
+generative models). Finished runs are kept in ``<out-dir>/runs.jsonl`` and reused when the command is run again
+with the same settings, so an interrupted reproduction loses nothing.
 """
 
 from __future__ import annotations
@@ -31,14 +33,14 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sinkd_ray.cli import run_cli  # noqa: E402
-from sinkd_ray.config import DistillConfig, TrainConfig  # noqa: E402
+from sinkd_ray.cli import add_config_args, config_from_args, explicit_dests, parse_args, run_cli  # noqa: E402
+from sinkd_ray.config import DistillConfig, RunSpec, RuntimeConfig, StudyConfig, TrainConfig  # noqa: E402
 from sinkd_ray.errors import SinkdError  # noqa: E402
 from sinkd_ray.tasks import get_task  # noqa: E402
 
@@ -87,49 +89,29 @@ PAPER_SCRIPTS = {
     "mnli": dict(batch_size=16, epochs=10, lr=4e-6, alpha=0.8, tau_kl=3.0),
 }
 DEFAULT_SCRIPT = dict(batch_size=32, epochs=3, lr=5e-5, alpha=0.9, tau_kl=1.0)
+# The paper's objective on top of the per-task script: the released code's Sinkhorn weighting (plan mass b ×
+# 0.001), no τ² on the KL term (Eq. 19, DistillKL), vocabulary-level distributions for generative models (5.4).
+PAPER_OBJECTIVE = dict(beta=0.8, tau_sd=2.0, sinkhorn_lambda=0.1, sinkhorn_iters=20, sinkhorn_scale_preset="released",
+                       kl_tau_squared=False, logit_space="paper")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python benchmarks/reproduce.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", default="cola")
-    p.add_argument("--data-dir", help="local GLUE/SuperGLUE copy (else $SINKD_DATA_DIR, else the hub)")
-    p.add_argument("--teacher", required=True,
-                   help="a fine-tuned teacher for the task, or a base model to fine-tune first (hub id or path)")
-    p.add_argument("--student", required=True, help="student checkpoint, or the model whose first k layers start it")
-    p.add_argument("--student-layers", type=int, help="keep the first k transformer layers of --student")
     p.add_argument("--seeds", type=int, default=3, help="seeds per row: 0 .. N-1 (data order and initialisation)")
     p.add_argument("--tables", default="2,3,4", help=f"comma-separated, from {list(TABLES)}")
-    p.add_argument("--epochs", type=int, help="student epochs (default: the paper's per-task script)")
-    p.add_argument("--lr", type=float, help="student learning rate (default: the paper's per-task script)")
-    p.add_argument("--batch-size", type=int, help="b (default: the paper's per-task script)")
-    p.add_argument("--alpha", type=float, help="α (default: the paper's per-task script)")
-    p.add_argument("--tau-kl", type=float, help="τ_KL (default: the paper's per-task script)")
-    p.add_argument("--beta", type=float, default=0.8)
-    p.add_argument("--tau-sd", type=float, default=2.0)
-    p.add_argument("--sinkhorn-lambda", type=float, default=0.1)
-    p.add_argument("--sinkhorn-iters", type=int, default=20)
-    p.add_argument("--sinkhorn-scale-preset", default="released", choices=("released", "unit"),
-                   help="'released': the authors' code (plan mass b × 0.001); 'unit': this project's default")
-    p.add_argument("--gamma", type=float, default=0.5, help="γ of the ranking row")
     p.add_argument("--unit-beta", type=float, default=0.05, help="β of the unit-mass SinKD row (from a study)")
     p.add_argument("--unit-lambda", type=float, default=0.1, help="λ of the unit-mass SinKD row (from a study)")
-    p.add_argument("--logit-space", default="paper", choices=("label", "vocab", "paper"),
-                   help="generative families: label words or the vocabulary; 'paper' = the paper's (vocabulary)")
-    p.add_argument("--online-lr", type=float, default=1e-4, help="learning rate of the online teacher modules")
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--max-train-examples", type=int)
-    p.add_argument("--max-eval-examples", type=int)
-    p.add_argument("--eval-every-steps", type=int, default=0, help="0: evaluate once per epoch")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast; default auto: on where the CPU/GPU has native bf16 (1.5x faster on an "
-                        "AVX-512 BF16 CPU, 16x slower on an AVX2-only one)")
-    p.add_argument("--teacher-epochs", type=int, default=3, help="epochs when --teacher is a base model")
-    p.add_argument("--teacher-lr", type=float, default=5e-5, help="lr when --teacher is a base model")
+    p.add_argument("--ranking-gamma", type=float, default=0.5, help="γ of the ranking row")
     p.add_argument("--jobs", type=int, default=1, help="student runs in parallel (threads split evenly)")
     p.add_argument("--out-dir", default="./sinkd_runs/reproduce", help="tables, run records, caches, mlflow.db")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite file in --out-dir)")
     p.add_argument("--experiment", help="MLflow experiment (default: sinkd-reproduce-<task>)")
+    add_config_args(p, StudyConfig, group="the teacher, when --teacher is a base model to fine-tune",
+                    skip=tuple(f for f in StudyConfig.help_texts() if f not in ("teacher_epochs", "teacher_lr")))
+    add_config_args(p, RuntimeConfig, group="runtime", skip=("storage_path",))
+    add_config_args(p, TrainConfig, group="every run (unset: the paper's per-task script)")
+    add_config_args(p, DistillConfig, group="the objective (unset: the paper's settings)")
     return p
 
 
@@ -144,67 +126,46 @@ def parse_tables(text: str) -> list[str]:
     return tables
 
 
-def base_configs(args, teacher: str) -> tuple[TrainConfig, DistillConfig]:
-    """The fixed settings every row starts from (paper script values unless a flag overrides them)."""
-    script = {**PAPER_SCRIPTS.get(args.task, DEFAULT_SCRIPT)}
-    for key in ("epochs", "lr", "batch_size", "alpha", "tau_kl"):
-        if getattr(args, key) is not None:
-            script[key] = getattr(args, key)
-    tcfg = TrainConfig(task=args.task, student=args.student, student_layers=args.student_layers, teacher=teacher,
-                       data_dir=args.data_dir, max_length=args.max_length, epochs=script["epochs"], lr=script["lr"],
-                       bf16=args.bf16, max_train_examples=args.max_train_examples, logit_space=args.logit_space,
-                       max_eval_examples=args.max_eval_examples, eval_every_steps=args.eval_every_steps)
-    dcfg = DistillConfig(alpha=script["alpha"], tau_kl=script["tau_kl"], batch_size=script["batch_size"],
-                         beta=args.beta, tau_sd=args.tau_sd, sinkhorn_lambda=args.sinkhorn_lambda,
-                         sinkhorn_iters=args.sinkhorn_iters, sinkhorn_scale_preset=args.sinkhorn_scale_preset,
-                         online_lr=args.online_lr, kl_tau_squared=False)  # Eq. 19 / released DistillKL: no τ²
-    return tcfg, dcfg
+def base_spec(args, typed: set[str]) -> RunSpec:
+    """The settings every row starts from: a typed flag wins; the paper's per-task script and objective fill the
+    fields not typed; every other field keeps its dataclass default (the CLIs' defaults)."""
+    paper = {k: v for k, v in {**PAPER_OBJECTIVE, **PAPER_SCRIPTS.get(args.task, DEFAULT_SCRIPT)}.items()
+             if k not in typed}
+    train = config_from_args(TrainConfig, args, **{k: v for k, v in paper.items() if k in TrainConfig.help_texts()})
+    distill = config_from_args(DistillConfig, args,
+                               **{k: v for k, v in paper.items() if k in DistillConfig.help_texts()})
+    return RunSpec(train, distill)
 
 
-def row_config(dcfg: DistillConfig, row: str, values: dict) -> DistillConfig:
-    """The row's settings; a None override takes its value from ``values`` (--gamma, --unit-beta, …)."""
+def row_spec(spec: RunSpec, row: str, values: dict, seed: int) -> RunSpec:
+    """The row's settings; a None override takes its value from ``values`` (--ranking-gamma, --unit-beta, …)."""
     overrides = {k: (values[k] if v is None else v) for k, v in ROWS[row].overrides.items()}
-    return DistillConfig.from_dict({**dcfg.to_dict(), **overrides})
+    return spec.with_values({**overrides, "seed": seed})
 
 
 def row_values(args) -> dict:
-    return {"gamma": args.gamma, "beta": args.unit_beta, "sinkhorn_lambda": args.unit_lambda}
+    return {"gamma": args.ranking_gamma, "beta": args.unit_beta, "sinkhorn_lambda": args.unit_lambda}
 
 
-def run_key(tcfg: TrainConfig, dcfg: DistillConfig) -> str:
+def run_key(spec: RunSpec) -> str:
     """Identifies a finished run: same settings (seed included) -> same key -> reused."""
-    text = json.dumps({"train": asdict(tcfg), "distill": dcfg.to_dict()}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------------------------- teacher
-
-
-def resolve_teacher(args, out_dir: Path) -> tuple[str, dict | None]:
-    """A fine-tuned teacher: the given one, or a base model fine-tuned once (reused by fingerprint)."""
-    from sinkd_ray.models import load_config
-    from sinkd_ray.train import finetune_teacher, has_task_head
-
-    if has_task_head(load_config(args.teacher), None, get_task(args.task)):
-        return args.teacher, None
-    tcfg = TrainConfig(task=args.task, student=args.teacher, data_dir=args.data_dir, max_length=args.max_length,
-                       epochs=args.teacher_epochs, lr=args.teacher_lr, cpus_per_worker=float(os.cpu_count() or 1))
-    path = finetune_teacher(args.teacher, tcfg, storage=str(out_dir))
-    return str(path), json.loads((path / "dev_metrics.json").read_text())
-
-
-def teacher_dev_score(tcfg: TrainConfig, cache: dict[str, str]) -> float:
-    """The teacher's dev metric from its cached dev logits: class logits, or the label words' columns of
+def teacher_dev_score(spec: RunSpec, layout) -> float:
+    """The teacher's dev metric from its (cached) dev logits: class logits, or the label words' columns of
     vocabulary logits (what the model would answer)."""
     from transformers import AutoTokenizer
 
     from sinkd_ray.data import load_split
+    from sinkd_ray.driver import logits_request
     from sinkd_ray.models import detect_family, label_token_ids, load_config, resolve_logit_space
     from sinkd_ray.tasks import compute_metrics
-    from sinkd_ray.teacher_cache import load_teacher_logits
+    from sinkd_ray.teacher_cache import cached_teacher_logits, load_teacher_logits
 
-    task = get_task(tcfg.task)
-    logits = load_teacher_logits(cache["dev"])
+    tcfg, task = spec.train, get_task(spec.train.task)
+    path, _ = cached_teacher_logits(logits_request(spec, "dev"), layout.teacher_cache_dir)
+    logits = load_teacher_logits(path)
     family = detect_family(load_config(tcfg.teacher), tcfg.family)
     if resolve_logit_space(tcfg.logit_space, family) == "vocab":
         tokenizer = AutoTokenizer.from_pretrained(tcfg.teacher)
@@ -216,29 +177,29 @@ def teacher_dev_score(tcfg: TrainConfig, cache: dict[str, str]) -> float:
 # ------------------------------------------------------------------------------------------ one run
 
 
-def train_one(spec: dict) -> dict:
-    """One student in this process: returns its evaluation history and wall time."""
+def train_one(job: dict) -> dict:
+    """One student in this process (the workers' own loop): returns its evaluation history and wall time."""
     import torch
 
-    from sinkd_ray.train import distill
+    from sinkd_ray.worker import distill
 
-    torch.set_num_threads(spec["threads"])
-    tcfg, dcfg = TrainConfig(**spec["train"]), DistillConfig.from_dict(spec["distill"])
+    torch.set_num_threads(job["threads"])
     history: list[dict] = []
     t0 = time.time()
-    distill(tcfg, dcfg, report=lambda metrics, _: history.append(metrics), teacher_cache=spec["cache"],
+    logits = job["teacher_logits"].tensor() if job["teacher_logits"] else None
+    distill(RunSpec.from_dict(job["spec"]), report=lambda metrics, _: history.append(metrics), teacher_logits=logits,
             checkpoint=False)
-    return {**spec["record"], "history": history, "wall_s": time.time() - t0,
+    return {**job["record"], "history": history, "wall_s": time.time() - t0,
             "best": max(m["dev_metric"] for m in history), "final": history[-1]["dev_metric"]}
 
 
-def log_to_mlflow(client, experiment_id: str, record: dict, tcfg: TrainConfig, dcfg: DistillConfig) -> None:
+def log_to_mlflow(client, experiment_id: str, record: dict, spec: RunSpec) -> None:
     from mlflow.entities import Metric, Param
 
     run = client.create_run(experiment_id, run_name=f"{record['row']}-seed{record['seed']}",
                             tags={"sinkd.row": record["row"], "sinkd.key": record["key"],
                                   "sinkd.seed": str(record["seed"])})
-    params = {**{f"train.{k}": v for k, v in asdict(tcfg).items()}, **dcfg.to_dict()}
+    params = {**{f"train.{k}": v for k, v in spec.train.to_dict().items()}, **spec.distill.to_dict()}
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, int(m["step"])) for m in record["history"] for k, v in m.items()
                if isinstance(v, (int, float)) and k not in ("step",)]
@@ -312,42 +273,51 @@ def orderings(records: dict[str, list[dict]]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- main
 
 
+def prepare(args, typed: set[str]):
+    """The shared run preparation: preflight, the teacher (fine-tuned here when --teacher is a base model), its
+    train logits; then its dev score."""
+    from sinkd_ray.driver import prepare_run
+    from sinkd_ray.models import has_task_head, load_config
+    from sinkd_ray.storage import StorageLayout
+
+    spec = base_spec(args, typed)
+    layout = StorageLayout.at(args.out_dir)
+    runtime = RuntimeConfig(storage_path=str(layout.root), address=args.address, resources_wait=args.resources_wait)
+    base = None
+    if spec.train.teacher and not has_task_head(load_config(spec.train.teacher), spec.train.family,
+                                                get_task(spec.train.task)):
+        base, spec = spec.train.teacher, RunSpec(replace(spec.train, teacher=None), spec.distill)
+    teacher_train = replace(spec.train, epochs=args.teacher_epochs, lr=args.teacher_lr, workers=1,
+                            cpus_per_worker=float(os.cpu_count() or 1))
+    prepared = prepare_run(spec, layout, runtime, teacher_base=base, teacher_train=teacher_train)
+    return prepared, teacher_dev_score(prepared.spec, layout)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import torch
     from mlflow.tracking import MlflowClient
 
-    import torch
-
     from sinkd_ray.hardware import describe_precision
-    from sinkd_ray.tracking import default_tracking_uri, ensure_experiment
-    from sinkd_ray.train import preflight, prepare_teacher_cache
+    from sinkd_ray.tracking import ensure_experiment
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(parser, argv)
     tables = parse_tables(args.tables)
     if args.seeds < 1 or args.jobs < 1:
         raise SinkdError(f"--seeds {args.seeds} / --jobs {args.jobs}: both must be at least 1")
-    get_task(args.task)
-    out_dir = Path(args.out_dir).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    task = get_task(args.task)
     t_start = time.time()
     print(describe_precision(args.bf16, torch.device("cpu")))
+    prepared, teacher_score = prepare(args, explicit_dests(parser, argv))
+    spec, layout, metric = prepared.spec, prepared.layout, task.metric
+    print(f"teacher {spec.train.teacher}: dev {metric} {teacher_score:.4f}")
 
-    # Fail fast (one line) on missing data or models, before any training.
-    preflight(TrainConfig(task=args.task, student=args.student, data_dir=args.data_dir))
-    teacher, teacher_metrics = resolve_teacher(args, out_dir)
-    tcfg, dcfg = base_configs(args, teacher)
-    tcfg = preflight(tcfg)
-    cache = prepare_teacher_cache(tcfg, out_dir / "teacher_cache")
-    teacher_score = teacher_dev_score(tcfg, cache)
-    metric = get_task(args.task).metric
-    print(f"teacher {tcfg.teacher}: dev {metric} {teacher_score:.4f}"
-          + (f" (fine-tuned here, {teacher_metrics['epoch']:.0f} epochs)" if teacher_metrics else ""))
-
-    tracking_uri = args.tracking_uri or default_tracking_uri(out_dir)
+    tracking_uri = args.tracking_uri or layout.default_tracking_uri()
     client = MlflowClient(tracking_uri)
-    experiment_id = ensure_experiment(client, args.experiment or f"sinkd-reproduce-{args.task}",
-                                      (out_dir / "mlartifacts").as_uri() if not args.tracking_uri else None)
-
-    records_file = out_dir / "runs.jsonl"
+    experiment_id = ensure_experiment(client, args.experiment or f"sinkd-reproduce-{task.name}",
+                                      layout.artifact_location() if not args.tracking_uri else None)
+    records_file = Path(layout.root) / "runs.jsonl"
     done = {}
     if records_file.exists():
         for line in records_file.read_text().splitlines():
@@ -357,49 +327,49 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = list(dict.fromkeys(row for t in tables for row in TABLES[t][1]))
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    specs, configs = [], {}
+    jobs, specs = [], {}
     for seed in range(args.seeds):  # seed-major, so a partial run already covers every row for seed 0
         for row in rows:
-            run_tcfg, run_dcfg = replace(tcfg, seed=seed), row_config(dcfg, row, row_values(args))
-            key = run_key(run_tcfg, run_dcfg)
-            configs[key] = (run_tcfg, run_dcfg)
-            if key in done:
-                continue
-            specs.append({"train": asdict(run_tcfg), "distill": run_dcfg.to_dict(), "cache": cache,
-                          "threads": threads, "record": {"row": row, "seed": seed, "key": key}})
-    print(f"{len(rows)} rows x {args.seeds} seeds: {len(specs)} to train, "
-          f"{len(rows) * args.seeds - len(specs)} reused from {records_file}")
+            run = row_spec(spec, row, row_values(args), seed)
+            key = run_key(run)
+            specs[key] = run
+            if key not in done:
+                jobs.append({"spec": run.to_dict(), "teacher_logits": prepared.teacher_logits, "threads": threads,
+                             "record": {"row": row, "seed": seed, "key": key}})
+    print(f"{len(rows)} rows x {args.seeds} seeds: {len(jobs)} to train, "
+          f"{len(rows) * args.seeds - len(jobs)} reused from {records_file}")
 
     def finished(record: dict) -> None:
         done[record["key"]] = record
         with records_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        log_to_mlflow(client, experiment_id, record, *configs[record["key"]])
-        print(f"  {record['row']:8s} seed {record['seed']}: best dev {metric} {record['best']:.4f} "
+        log_to_mlflow(client, experiment_id, record, specs[record["key"]])
+        print(f"  {record['row']:10s} seed {record['seed']}: best dev {metric} {record['best']:.4f} "
               f"(final {record['final']:.4f}) in {record['wall_s']:.0f}s", flush=True)
 
     if args.jobs == 1:
-        for spec in specs:
-            finished(train_one(spec))
+        for job in jobs:
+            finished(train_one(job))
     else:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(train_one, spec) for spec in specs]):
+            for future in as_completed([pool.submit(train_one, job) for job in jobs]):
                 finished(future.result())
 
     records: dict[str, list[dict]] = {}
     for seed in range(args.seeds):
         for row in rows:
-            key = run_key(replace(tcfg, seed=seed), row_config(dcfg, row, row_values(args)))
-            records.setdefault(row, []).append(done[key])
-    header = (f"## SinKD ablations — {args.task}, {args.seeds} seeds\n\n"
-              f"Teacher `{Path(tcfg.teacher).name}`; student `{Path(args.student).name}`"
-              f"{f' (first {args.student_layers} layers)' if args.student_layers else ''}; {tcfg.epochs} epochs, "
-              f"lr {tcfg.lr:g}, b {dcfg.batch_size}, α {dcfg.alpha:g}, τ_KL {dcfg.tau_kl:g}, β {dcfg.beta:g} "
-              f"({args.sinkhorn_scale_preset} Sinkhorn scale), τ_SD {dcfg.tau_sd:g}, λ {dcfg.sinkhorn_lambda:g}, "
-              f"T {dcfg.sinkhorn_iters}, max length {tcfg.max_length}. Metric: best dev {metric} over the "
-              f"per-epoch evaluations. Wall time of this invocation: {time.time() - t_start:.0f} s.")
+            records.setdefault(row, []).append(done[run_key(row_spec(spec, row, row_values(args), seed))])
+    tcfg, dcfg = spec.train, spec.distill
+    header = (f"## SinKD ablations — {task.name}, {args.seeds} seeds\n\n"
+              f"Teacher `{Path(tcfg.teacher).name}`; student `{tcfg.student}`"
+              f"{f' (first {tcfg.student_layers} layers)' if tcfg.student_layers else ''}; {tcfg.epochs} epochs, "
+              f"lr {tcfg.lr:g}, b {dcfg.batch_size}, α {dcfg.alpha:g}, τ_KL {dcfg.tau_kl:g} (no τ²: "
+              f"{not dcfg.kl_tau_squared}), β {dcfg.beta:g} (mass {dcfg.sinkhorn_mass}, × {dcfg.sinkhorn_scale:g}), "
+              f"τ_SD {dcfg.tau_sd:g}, λ {dcfg.sinkhorn_lambda:g}, T {dcfg.sinkhorn_iters}, max length "
+              f"{tcfg.max_length}, logits {tcfg.logit_space}. Metric: best dev {metric} over the per-epoch "
+              f"evaluations. Wall time of this invocation: {time.time() - t_start:.0f} s.")
     markdown, rows_csv = summarise(records, tables, metric, teacher_score, header)
-    md_path, csv_path = out_dir / f"reproduce-{args.task}.md", out_dir / f"reproduce-{args.task}.csv"
+    md_path, csv_path = Path(layout.root) / f"reproduce-{task.name}.md", Path(layout.root) / f"reproduce-{task.name}.csv"
     md_path.write_text(markdown + "\n")
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows_csv[0]))

@@ -58,6 +58,32 @@ def config_from_args(cls: type, namespace: argparse.Namespace, **overrides: Any)
     return cls(**values)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args``, except that a negative number after a flag is its value: argparse reads
+    ``--lr -1e-5`` as two flags ("expected one argument") instead of handing -1e-5 to the range check."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    joined: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--") and "=" not in token and i + 1 < len(argv) and argv[i + 1].startswith("-") \
+                and _is_number(argv[i + 1]):
+            joined.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        joined.append(token)
+        i += 1
+    return parser.parse_args(joined)
+
+
 def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """The destinations of the flags the user actually typed (``--x v`` or ``--x=v``), defaults excluded."""
     typed = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}

@@ -186,6 +186,12 @@ class DistillConfig(ValidatedConfig):
         "help": "η ≥ 0: weight of KL_τKL(student ‖ teacher) in the teacher's loss, pulling the teacher toward "
                 "the student's distribution; the CE with the labels keeps it on the task."})
 
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether any term needs teacher logits (KL, the β term, the ranking term, online teacher modules)."""
+        return ((self.use_kl and self.alpha > 0) or (self.beta > 0 and self.distribution_term != "none")
+                or self.gamma > 0 or self.online_teacher)
+
     def __post_init__(self) -> None:
         _check_number("alpha", self.alpha, 0.0, 1.0)
         _check_number("beta", self.beta, 0.0)
@@ -228,11 +234,6 @@ class DistillConfig(ValidatedConfig):
                 f"every loss term is off (alpha={self.alpha}, use_ce={self.use_ce}, use_kl={self.use_kl}, "
                 f"beta={self.beta}, distribution_term={self.distribution_term!r}, gamma={self.gamma}) — enable "
                 "at least one")
-
-
-def is_remote(storage: str) -> bool:
-    """s3://, gs://, file://, … (a pyarrow URI): what Ray reaches through pyarrow, shared by every node."""
-    return "://" in storage
 
 
 def parse_resources(spec: str | None) -> dict[str, float]:
@@ -283,6 +284,7 @@ class TrainConfig(ValidatedConfig):
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker"})
     gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per worker (fractions let small students share a GPU)"})
     teacher_source: str = field(default="cache", metadata={"help": "'cache': teacher logits computed once and reused; 'live': teacher forward every step", "choices": ("cache", "live")})
+    teacher_dtype: str = field(default="auto", metadata={"help": "dtype a live teacher is loaded in: 'auto' = bfloat16 when the run uses bf16 (a fine-tuned teacher is saved in float32: an 11B teacher would take ~45 GB), else float32", "choices": ("auto", "float32", "bfloat16", "float16")})
     teacher_quantization: str | None = field(default=None, metadata={"help": "load the teacher in 8-bit or 4-bit with bitsandbytes", "choices": ("8bit", "4bit")})
     max_train_examples: int | None = field(default=None, metadata={"help": "use only the first N training examples (quick runs)", "metavar": "N"})
     max_eval_examples: int | None = field(default=None, metadata={"help": "use only the first N dev examples (quick runs)", "metavar": "N"})
@@ -312,6 +314,94 @@ class TrainConfig(ValidatedConfig):
         _check_choice("logit_space", self.logit_space, LOGIT_SPACE_SETTINGS)
         _check_choice("teacher_source", self.teacher_source, ("cache", "live"))
         _check_choice("teacher_quantization", self.teacher_quantization, QUANTIZATIONS)
+        _check_choice("teacher_dtype", self.teacher_dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.workers > 1 and 0 < self.gpus_per_worker < 1:
+            raise SinkdError(f"workers={self.workers} with gpus_per_worker={self.gpus_per_worker}: fractional GPUs "
+                             "would put two NCCL ranks of one run on the same GPU, which NCCL refuses — use "
+                             "--gpus-per-worker 1 with several workers, or one worker per run to share GPUs")
         if self.bf16 is not None:
             _check_bool("bf16", self.bf16)
         parse_resources(self.worker_resources)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run's settings, the unit that travels from the CLIs through the driver to every worker: how it
+    trains (``train``) and what it optimises (``distill``). Rules that need both halves are checked here, once.
+    """
+
+    train: TrainConfig
+    distill: DistillConfig
+
+    def __post_init__(self) -> None:
+        workers, b = self.train.workers, self.distill.batch_size
+        if b % workers:
+            raise SinkdError(f"batch_size={b} is not divisible by workers={workers} — the Sinkhorn batch b is "
+                             f"split evenly across workers; choose b as a multiple of {workers}")
+        if self.distill.online_teacher and self.train.teacher_quantization:
+            raise SinkdError("--online-teacher trains LoRA modules on a full-precision teacher: drop "
+                             "--teacher-quantization")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {"train": self.train.to_dict(), "distill": self.distill.to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, dict[str, Any]]) -> RunSpec:
+        return cls(TrainConfig.from_dict(values["train"]), DistillConfig.from_dict(values["distill"]))
+
+    def with_values(self, values: dict[str, Any]) -> RunSpec:
+        """A copy with ``values`` (flat: a trial's sampled parameters, overrides) routed to the config owning
+        each key; an unknown key is a SinkdError."""
+        distill_keys = {f.name for f in dataclasses.fields(DistillConfig)}
+        train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - distill_keys - train_keys)
+        if unknown:
+            raise SinkdError(f"unknown setting(s) {unknown} — known: every DistillConfig and TrainConfig field")
+        distill = {k: v for k, v in values.items() if k in distill_keys}
+        train = {k: v for k, v in values.items() if k in train_keys}
+        return RunSpec(TrainConfig.from_dict({**self.train.to_dict(), **train}),
+                       DistillConfig.from_dict({**self.distill.to_dict(), **distill}))
+
+
+@dataclass
+class RuntimeConfig(ValidatedConfig):
+    """Where a command's runs go: the storage and the Ray runtime (shared by `train`, `tune` and reproduce.py)."""
+
+    storage_path: str = field(default="./sinkd_runs", metadata={"help": "runs, checkpoints, teachers and caches (a local folder, or s3:// / gs:// shared by every node)", "metavar": "DIR"})
+    address: str | None = field(default=None, metadata={"help": "Ray cluster to run on (default: $RAY_ADDRESS, else a new local runtime)", "metavar": "ADDR"})
+    resources_wait: float | None = field(default=None, metadata={"help": "seconds to wait for an autoscaling cluster to provide the workers' resources before refusing (default: 0 on the local runtime this command starts, 600 on a cluster it attaches to)", "metavar": "S"})
+
+    def __post_init__(self) -> None:
+        if self.resources_wait is not None:
+            _check_number("resources_wait", self.resources_wait, 0.0)
+
+
+@dataclass
+class StudyConfig(ValidatedConfig):
+    """The study around the runs: search, scheduling, storage and tracking."""
+
+    search_space: str = field(default="default", metadata={"help": "search-space YAML: a path or a name in search_spaces/ (default, paper_grid)"})
+    num_trials: int | None = field(default=None, metadata={"help": "trials to run (default: 8 for TPE, the whole grid for a grid)", "metavar": "N"})
+    max_concurrent_trials: int = field(default=1, metadata={"help": "trials running at the same time"})
+    grace_period: int = field(default=1, metadata={"help": "ASHA: evaluations every trial gets before it may be stopped"})
+    reduction_factor: int = field(default=2, metadata={"help": "ASHA: keep the best 1/factor of trials at each rung"})
+    teacher_base: str = field(default="google-bert/bert-base-uncased", metadata={"help": "with no --teacher: the pretrained model fine-tuned (once, cached) as the teacher (a path, hub id, or offline:all-mpnet-base-v2)", "metavar": "PATH"})
+    teacher_epochs: int = field(default=3, metadata={"help": "epochs of the teacher's CE fine-tuning"})
+    teacher_lr: float = field(default=3e-5, metadata={"help": "learning rate of the teacher's CE fine-tuning"})
+    tracking_uri: str | None = field(default=None, metadata={"help": "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db)", "metavar": "URI"})
+    experiment_name: str | None = field(default=None, metadata={"help": "MLflow experiment (default: sinkd-<task>)"})
+    name: str | None = field(default=None, metadata={"help": "study name (default: <task>-<time>; with --resume: the latest study of the task)"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted study instead of starting one"})
+    register: bool = field(default=True, metadata={"help": "register the best student in the MLflow Model Registry"})
+
+    def __post_init__(self) -> None:
+        for name, low in (("max_concurrent_trials", 1), ("grace_period", 1), ("reduction_factor", 2),
+                          ("teacher_epochs", 1)):
+            _check_number(name, getattr(self, name), low, integer=True)
+        if self.num_trials is not None:
+            _check_number("num_trials", self.num_trials, 1, integer=True)
+        _check_number("teacher_lr", self.teacher_lr, 0.0, low_open=True)
+        _check_bool("resume", self.resume)
+        _check_bool("register", self.register)
+
+

@@ -30,6 +30,7 @@ from datasets.table import InMemoryTable
 from torch.utils.data import DataLoader, Sampler
 
 from sinkd_ray.errors import SinkdError
+from sinkd_ray.hub import hub_reachable
 from sinkd_ray.tasks import Task, get_task
 
 DATA_DIR_ENV = "SINKD_DATA_DIR"
@@ -176,6 +177,18 @@ def _read_rows(path: Path, fmt: _LocalFormat) -> Iterator[tuple[int, dict | list
                 yield reader.line_num, dict(zip(header, row))
 
 
+def _read_rows_checked(path: Path, fmt: _LocalFormat) -> Iterator[tuple[int, dict | list]]:
+    """`_read_rows`, with a binary or non-UTF-8 file reported as one line."""
+    try:
+        yield from _read_rows(path, fmt)
+    except UnicodeDecodeError as err:
+        raise SinkdError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}) — is it the original "
+                         f"{fmt.folder} release file?") from None
+    except csv.Error as err:
+        raise SinkdError(f"{path} is not a readable tab-separated file ({err}) — is it the original "
+                         f"{fmt.folder} release file?") from None
+
+
 def _label_parser(task: Task, fmt: _LocalFormat, path: Path) -> Callable[[object, int], int]:
     ids = {name: i for i, name in enumerate(task.label_names)}
 
@@ -199,7 +212,7 @@ def read_local_split(task: Task | str, split: str, data_dir: str | os.PathLike) 
     parse_label = _label_parser(task, fmt, path)
     columns = {field: [] for field in task.text_fields}
     labels = []
-    for line_no, row in _read_rows(path, fmt):
+    for line_no, row in _read_rows_checked(path, fmt):
         try:
             values = {field: row[col] for field, col in fmt.columns.items()}
             raw_label = row[fmt.label_column]
@@ -232,6 +245,13 @@ def read_hub_split(task: Task | str, split: str) -> datasets.Dataset:
     task = get_task(task)
     split = _canonical_split(task, split)
     hub_split = task.hub_split(split)
+    if not hub_reachable():
+        try:  # a copy in the datasets cache works offline
+            dataset = datasets.load_dataset(task.hub_id, task.hub_config, split=hub_split, download_mode="reuse_cache_if_exists")
+        except Exception:
+            raise SinkdError(f"no network access to the Hugging Face hub to fetch {task.name} {split} ({task.hub_id})"
+                             f" — {_POINT_AT_LOCAL}") from None
+        return _check_hub_split(task, dataset)
     try:
         dataset = datasets.load_dataset(task.hub_id, task.hub_config, split=hub_split)
     except Exception as err:  # network, auth, offline mode, missing dataset: all end the same way for the user
@@ -240,6 +260,10 @@ def read_hub_split(task: Task | str, split: str) -> datasets.Dataset:
             f"could not load {task.name} {split} from the Hugging Face hub ({task.hub_id}, {task.hub_config}, "
             f"split {hub_split}): {type(err).__name__}: {detail} — without network access, {_POINT_AT_LOCAL}"
         ) from err
+    return _check_hub_split(task, dataset)
+
+
+def _check_hub_split(task: Task, dataset: datasets.Dataset) -> datasets.Dataset:
     label_feature = dataset.features.get("label")
     hub_names = tuple(getattr(label_feature, "names", ()) or ())
     if hub_names and hub_names != task.label_names:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from sinkd_ray.errors import SinkdError
+from sinkd_ray.hub import hub_reachable, no_network_message
 from sinkd_ray.pretrained import installed, is_offline_name, offline_model_path
 
 if TYPE_CHECKING:  # only for annotations: tasks.py imports nothing from here
@@ -313,6 +314,21 @@ class LogitModel(nn.Module):
         logits = self.hf_model(**common).logits
         return logits[torch.arange(logits.shape[0], device=logits.device), last].float()
 
+    def save_config(self, path: str | Path) -> Path:
+        """Config + tokenizer + `META_FILE`, no weights: what a sharded checkpoint keeps beside its shards."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with _quiet_transformers():
+            self.hf_model.config.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+        (path / META_FILE).write_text(json.dumps(self._meta(), indent=2) + "\n")
+        return path
+
+    def _meta(self) -> dict:
+        return {"family": self.family, "logit_space": self.logit_space,
+                "label_words": list(self.label_words) if self.label_words else None,
+                "label_token_ids": self.label_token_ids.tolist()}
+
     def save_pretrained(self, path: str | Path, state_dict: dict | None = None, **kwargs: Any) -> Path:
         """Write model (safetensors) + tokenizer + `META_FILE` so that `load_student(path, task)` rebuilds it.
 
@@ -322,13 +338,7 @@ class LogitModel(nn.Module):
         with _quiet_transformers():
             self.hf_model.save_pretrained(path, state_dict=state_dict, **kwargs)
             self.tokenizer.save_pretrained(path)
-        meta = {
-            "family": self.family,
-            "logit_space": self.logit_space,
-            "label_words": list(self.label_words) if self.label_words else None,
-            "label_token_ids": self.label_token_ids.tolist(),
-        }
-        (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (path / META_FILE).write_text(json.dumps(self._meta(), indent=2) + "\n")
         return path
 
 
@@ -379,6 +389,12 @@ def load_config(path_or_id: str | Path, **overrides: Any):
 def _load_config(source: str, path_or_id: str | Path, **overrides: Any):
     from transformers import AutoConfig
 
+    if not Path(source).exists():  # a hub id: the local hub cache first, then the network if there is one
+        try:
+            return AutoConfig.from_pretrained(source, local_files_only=True, **overrides)
+        except (OSError, ValueError):
+            if not hub_reachable():
+                raise SinkdError(no_network_message(f"'{path_or_id}'")) from None
     try:
         return AutoConfig.from_pretrained(source, **overrides)
     except (OSError, ValueError) as err:
@@ -445,14 +461,10 @@ def _load_logit_model(
     role: str,
     dtype: torch.dtype | str | None = None,
     quantization: str | None = None,
+    device: torch.device | str | None = None,
 ) -> LogitModel:
     """Shared by `load_teacher` / `load_student`: resolve, pick the Auto class of the family, load quietly."""
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSeq2SeqLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoTokenizer
 
     source = _resolve_source(path_or_id)
     meta = _read_meta(source) if Path(source).exists() else {}
@@ -474,13 +486,11 @@ def _load_logit_model(
     quant = _quantization_config(quantization, family, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
+        # bitsandbytes places a quantized model on cuda:0 by default; put it on this worker's own device
+        kwargs["device_map"] = {"": device if device is not None else "cpu"}
+    auto_class = _auto_class(family)
     if family == "encoder":
-        auto_class = AutoModelForSequenceClassification
         kwargs["config"] = _classification_config(source, path_or_id, config, task, tokenizer)
-    elif family == "encoder-decoder":
-        auto_class = AutoModelForSeq2SeqLM
-    else:
-        auto_class = AutoModelForCausalLM
     try:
         with _quiet_transformers():
             hf_model, info = auto_class.from_pretrained(source, output_loading_info=True, **kwargs)
@@ -498,6 +508,22 @@ def _load_logit_model(
         logger.warning("'%s' was saved with label words %s; using task '%s' words %s",
                        path_or_id, meta["label_words"], getattr(task, "name", "?"), list(label_words))
     return LogitModel(hf_model, tokenizer, family, logit_space, label_words, getattr(task, "template", "") or "")
+
+
+def _auto_class(family: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    return {"encoder": AutoModelForSequenceClassification, "encoder-decoder": AutoModelForSeq2SeqLM,
+            "decoder": AutoModelForCausalLM}[family]
+
+
+def hf_model_from_config(folder: str | Path) -> nn.Module:
+    """An untrained transformers model built from a folder's config.json (and its sinkd metadata, for the family):
+    the skeleton `checkpoints.export_student` loads the saved shards into."""
+    config = _load_config(str(folder), folder)
+    family = detect_family(config, _read_meta(str(folder)).get("family"))
+    with _quiet_transformers():
+        return _auto_class(family).from_config(config)
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -559,8 +585,9 @@ def load_teacher(
     logit_space: str | None = None,
     quantization: str | None = None,
     dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
 ) -> LogitModel:
-    """The frozen teacher: every parameter ``requires_grad=False``, ``eval()`` mode (no dropout).
+    """The frozen teacher: every parameter ``requires_grad=False``, ``eval()`` mode (no dropout), on ``device``.
 
     ``quantization``: None, "8bit" (LLM.int8) or "4bit" (nf4) through `transformers.BitsAndBytesConfig`;
     the classification head of an encoder stays in full precision. ``dtype``: load dtype (default: the
@@ -568,9 +595,13 @@ def load_teacher(
     recorded) or "vocab".
     """
     model = _load_logit_model(path_or_id, task, family=family, logit_space=logit_space, role="teacher",
-                              dtype=dtype, quantization=quantization)
+                              dtype=dtype, quantization=quantization, device=device)
     model.requires_grad_(False)
     model.frozen = True
+    if quantization is None and device is not None:
+        model.to(device)
+    else:  # the quantized weights were placed by device_map; the label-id buffer follows them
+        model.label_token_ids = model.label_token_ids.to(next(model.hf_model.parameters()).device)
     return model.eval()
 
 
@@ -594,6 +625,36 @@ def load_student(
                               dtype=torch.float32)
     if num_layers is not None:
         truncate_layers(model.hf_model, num_layers)
+    return model.train()
+
+
+def has_task_head(config: Any, family: str | None, task: Task) -> bool:
+    """Whether a teacher can be used as is: an encoder needs a trained classification head with the task's
+    labels (a base model would get a random one); generative teachers read label words from their LM head."""
+    if detect_family(config, family) != "encoder":
+        return True
+    trained = any(a.endswith("ForSequenceClassification") for a in (config.architectures or ()))
+    return trained and config.num_labels == task.num_labels
+
+
+def layer_count(config: Any) -> int | None:
+    """How many transformer layers a config declares (None for model types `_LAYER_STACKS` does not know)."""
+    stacks = _LAYER_STACKS.get(getattr(config, "model_type", ""))
+    return getattr(config, stacks[0][1], None) if stacks else None
+
+
+def load_student_skeleton(folder: str | Path, task: Task) -> LogitModel:
+    """A student rebuilt from a checkpoint's config, tokenizer and sinkd metadata, its weights freshly initialised:
+    the shape a sharded checkpoint's weights are loaded into (`checkpoints.load_training_state`)."""
+    from transformers import AutoTokenizer
+
+    meta = _read_meta(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    label_words = tuple(getattr(task, "verbalizer", None) or ()) or None
+    model = LogitModel(hf_model_from_config(folder), tokenizer, meta["family"], meta["logit_space"], label_words,
+                       getattr(task, "template", "") or "")
     return model.train()
 
 

@@ -12,8 +12,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from sinkd_ray.data import load_split, make_loader, tokenize_split, GlobalBatchSampler
 from sinkd_ray.models import (LogitModel, detect_family, load_config, load_teacher, model_fingerprint,
                               resolve_logit_space)
-from sinkd_ray.tasks import Task
+from sinkd_ray.tasks import Task, get_task
 
 
 @dataclass(frozen=True)
@@ -61,15 +63,17 @@ def teacher_logits_key(teacher: str, task: Task, split: str, *, max_length: int,
 
 @torch.no_grad()
 def compute_logits(teacher: LogitModel, tokenized, *, batch_size: int, bf16: bool) -> torch.Tensor:
-    """Teacher logits (n × d, float32) for a tokenized split, rows in ``idx`` order."""
+    """Teacher logits (n × d, float32, on the CPU) for a tokenized split, rows in ``idx`` order, computed on the
+    teacher's own device."""
+    device = teacher.label_token_ids.device
     n = len(tokenized)
     sampler = GlobalBatchSampler(n, batch_size, shuffle=False, drop_last=False)
     loader = make_loader(tokenized, teacher.tokenizer, sampler)
     out: torch.Tensor | None = None
     for batch in loader:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = teacher(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")
-                                if k in batch}).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = teacher(**{k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids")
+                                if k in batch}).float().cpu()
         if out is None:
             out = torch.empty(n, logits.shape[-1], dtype=torch.float32)
         out[batch["idx"]] = logits
@@ -77,38 +81,77 @@ def compute_logits(teacher: LogitModel, tokenized, *, batch_size: int, bf16: boo
     return out
 
 
-def cached_teacher_logits(teacher: str, task: Task, split: str, *, cache_dir: str | Path,
-                          data_dir: str | None = None, max_length: int = 128, logit_space: str = "label",
-                          quantization: str | None = None, bf16: bool = False, batch_size: int = 64,
-                          family: str | None = None) -> tuple[Path, bool]:
-    """Return ``(path, computed)``: the safetensors file holding the teacher's logits for ``split``.
+@dataclass(frozen=True)
+class LogitsRequest:
+    """What a cache file holds: the teacher's logits on one split, and how they are computed."""
 
-    ``computed`` is False when a file with the same key already existed (the logits were reused).
-    The file holds one tensor ``logits`` (n × d, float32) indexed by the dataset's ``idx`` column.
-    """
-    # Only the config is read to build the key, so a cache hit never loads the teacher's weights.
-    family = detect_family(load_config(teacher), family)
-    prompt = family != "encoder"
-    logit_space = resolve_logit_space(logit_space, family)
-    key = teacher_logits_key(teacher, task, split, max_length=max_length, logit_space=logit_space,
-                             quantization=quantization, bf16=bf16, prompt=prompt)
-    path = Path(cache_dir) / key.filename()
-    if path.exists():
-        return path, False
+    teacher: str
+    task: str
+    split: str
+    data_dir: str | None = None
+    max_length: int = 128
+    logit_space: str = "label"
+    quantization: str | None = None
+    bf16: bool = False
+    family: str | None = None
+    dtype: str = "float32"
+    batch_size: int = 64
 
-    teacher_model = load_teacher(teacher, task, family=family, logit_space=logit_space,
-                                 quantization=quantization)
-    dataset = load_split(task, split, data_dir)
-    tokenized = tokenize_split(dataset, task, teacher_model.tokenizer, max_length, prompt=prompt)
-    logits = compute_logits(teacher_model, tokenized, batch_size=batch_size, bf16=bf16)
+    def key(self) -> TeacherLogitsKey:
+        """Only the config is read to build the key, so a cache hit never loads the teacher's weights."""
+        family = detect_family(load_config(self.teacher), self.family)
+        return teacher_logits_key(self.teacher, get_task(self.task), self.split, max_length=self.max_length,
+                                  logit_space=resolve_logit_space(self.logit_space, family),
+                                  quantization=self.quantization, bf16=self.bf16, prompt=family != "encoder")
+
+    def compute(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        task = get_task(self.task)
+        teacher = load_teacher(self.teacher, task, family=self.family, logit_space=self.logit_space,
+                               quantization=self.quantization, dtype=getattr(torch, self.dtype), device=device)
+        tokenized = tokenize_split(load_split(task, self.split, self.data_dir), task, teacher.tokenizer,
+                                   self.max_length, prompt=teacher.family != "encoder")
+        return compute_logits(teacher, tokenized, batch_size=self.batch_size, bf16=self.bf16)
+
+
+def write_logits(path: Path, logits: torch.Tensor, key: TeacherLogitsKey) -> None:
+    """Atomically (temp file + rename): a concurrent reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     save_file({"logits": logits.contiguous()}, tmp, metadata={"key": json.dumps(asdict(key))})
     os.replace(tmp, path)
+
+
+def cached_teacher_logits(request: LogitsRequest, cache_dir: str | Path,
+                          compute: Callable[[LogitsRequest], torch.Tensor] | None = None) -> tuple[Path, bool]:
+    """Return ``(path, computed)``: the safetensors file holding the requested logits, computed (by ``compute``,
+    default: here, on the CPU) only when no file with the same key exists. The file holds one tensor ``logits``
+    (n × d, float32) indexed by the dataset's ``idx`` column."""
+    key = request.key()
+    path = Path(cache_dir) / key.filename()
+    if path.exists():
+        return path, False
+    logits = compute(request) if compute is not None else request.compute()
+    write_logits(path, logits, key)
     return path, True
 
 
 def load_teacher_logits(path: str | Path) -> torch.Tensor:
     """The cached logits tensor (n × d, float32)."""
     return load_file(str(path))["logits"]
+
+
+@dataclass(frozen=True)
+class CachedTeacherLogits:
+    """The train split's cached teacher logits as a run's workers reach them: a file on a disk they share with
+    the driver, or (remote storage: workers on other nodes) the same tensor through Ray's object store."""
+
+    path: str | None = None
+    object_ref: Any = None
+
+    def tensor(self) -> torch.Tensor:
+        if self.object_ref is not None:
+            import ray
+
+            return ray.get(self.object_ref)
+        return load_teacher_logits(self.path)

@@ -6,6 +6,7 @@ artifacts beside it. Everything here takes a tracking URI, so a tracking server 
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -14,12 +15,40 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+from sinkd_ray.errors import SinkdError
+
 STUDY_TAG = "sinkd.study"
 TRIAL_TAG = "sinkd.trial_id"
 
 
-def default_tracking_uri(storage: Path) -> str:
-    return f"sqlite:///{(storage / 'mlflow.db').resolve()}"
+# What a tracking URI may be (MLflow 3): a server, a database store, or Databricks. The file store is in
+# maintenance mode and errors without MLFLOW_ALLOW_FILE_STORE, so it is not offered.
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """One line, before any work, when a tracking URI cannot work: an unknown scheme, a server that does not
+    answer /health within ``timeout`` seconds, a SQLite file in a folder that cannot be written."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme not in TRACKING_SCHEMES:
+        raise SinkdError(f"--tracking-uri {uri}: scheme '{scheme}' is not one MLflow can track to — use http(s):// "
+                         "(a tracking server), sqlite:///<file>, postgresql://… or mysql://…")
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                response.read()
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise SinkdError(f"--tracking-uri {uri}: no MLflow server answers ({reason}) — start it (mlflow server …) "
+                             "or check the address") from None
+    if scheme == "sqlite":
+        folder = Path(uri[len("sqlite:///"):]).expanduser().parent
+        if not (folder.is_dir() and os.access(folder, os.W_OK)):
+            raise SinkdError(f"--tracking-uri {uri}: the folder {folder} does not exist or is not writable")
 
 
 def code_version() -> str:
@@ -83,6 +112,11 @@ class TrialRunsCallback(MLflowLoggerCallback):
         if not self.log_params_on_trial_end:
             self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=trial.config)
 
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        if trial not in self._trial_runs:  # it failed before it started: give it a run that says so
+            self.log_trial_start(trial)
+        super().log_trial_end(trial, failed=failed)
+
 
 def trial_run_ids(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, str]:
     """trial id -> child run id for every trial of a study."""
@@ -93,20 +127,36 @@ def trial_run_ids(client: MlflowClient, experiment_id: str, parent_run_id: str) 
 
 def register_student(client: MlflowClient, name: str, run_id: str, student_dir: Path,
                      alias: str = "best") -> str:
-    """Log ``student_dir`` as the run's ``student`` artifacts and register them as a new version of ``name``.
+    """Log ``student_dir`` as the run's ``student`` artifacts and register them as a version of ``name``; a run
+    already registered (a resumed study finishing again) keeps its one version, which gets the alias again.
 
     MLflow 3's ``mlflow.register_model("runs:/…")`` refuses plain artifacts (no logged model), so the
     version is created from the artifact URI directly.
     """
-    client.log_artifacts(run_id, str(student_dir), artifact_path="student")
-    source = f"{client.get_run(run_id).info.artifact_uri}/student"
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name, description="SinKD-distilled students (sinkd_ray)")
-    version = client.create_model_version(name, source=source, run_id=run_id)
-    client.set_registered_model_alias(name, alias, version.version)
-    return version.version
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version = existing[0].version
+    else:
+        client.log_artifacts(run_id, str(student_dir), artifact_path="student")
+        source = f"{client.get_run(run_id).info.artifact_uri}/student"
+        version = client.create_model_version(name, source=source, run_id=run_id).version
+    client.set_registered_model_alias(name, alias, version)
+    return version
+
+
+def end_unfinished(client: MlflowClient, experiment_id: str, parent_run_id: str, finished_trials: set[str],
+                   status: str = "KILLED") -> None:
+    """Close the runs of an interrupted study: its parent and every trial run not in ``finished_trials``
+    (a resumed study sets them RUNNING again and continues them)."""
+    for run in client.search_runs([experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
+                                  max_results=10_000):
+        if run.data.tags.get(TRIAL_TAG) not in finished_trials:
+            client.set_terminated(run.info.run_id, status=status)
+    client.set_terminated(parent_run_id, status=status)
 
 
 def log_study_summary(client: MlflowClient, parent_run_id: str, leaderboard, distributions: dict,
@@ -146,3 +196,47 @@ def log_study_summary(client: MlflowClient, parent_run_id: str, leaderboard, dis
             written.append(filename)
     client.log_artifacts(parent_run_id, str(out_dir), artifact_path="study")
     return written
+
+
+class StudyRuns:
+    """A study's MLflow runs: the parent (reused on resume), the per-trial callback, and what happens at the end."""
+
+    def __init__(self, client: MlflowClient, experiment: str, experiment_id: str, parent_id: str, tags: dict):
+        self.client, self.experiment, self.experiment_id, self.parent_id, self.tags = \
+            client, experiment, experiment_id, parent_id, tags
+
+    @classmethod
+    def open(cls, tracking_uri: str, experiment: str, study: str, artifact_location: str | None,
+             tags: dict) -> StudyRuns:
+        client = MlflowClient(tracking_uri)
+        experiment_id = ensure_experiment(client, experiment, artifact_location)
+        return cls(client, experiment, experiment_id, parent_run(client, experiment_id, study, tags), tags)
+
+    def log_params(self, params: dict) -> None:
+        for key, value in params.items():
+            self.client.log_param(self.parent_id, key, value)
+
+    def callback(self) -> TrialRunsCallback:
+        return TrialRunsCallback(self.client.tracking_uri, self.experiment, self.parent_id, self.tags)
+
+    def end_unfinished(self, finished_trials: set[str]) -> None:
+        end_unfinished(self.client, self.experiment_id, self.parent_id, finished_trials)
+
+    def log_summary(self, board, metric: str, out_dir: Path, distributions: dict) -> None:
+        log_study_summary(self.client, self.parent_id, board, distributions, metric, out_dir)
+
+    def register(self, model_name: str, trial_id: str, student_dir: Path) -> str:
+        runs = trial_run_ids(self.client, self.experiment_id, self.parent_id)
+        return register_student(self.client, model_name, runs[trial_id], student_dir)
+
+    def finish(self, status: str, *, best_id: str | None = None, best_metric: float | None = None) -> None:
+        if best_id is not None:
+            self.client.log_metric(self.parent_id, "best_dev_metric", best_metric)
+            self.client.set_tag(self.parent_id, "best_trial_id", best_id)
+        self.client.set_terminated(self.parent_id, status=status)
+
+    def browse_hint(self) -> str:
+        uri = self.client.tracking_uri
+        if uri.startswith("sqlite:///"):
+            return f"browse it: mlflow ui --backend-store-uri {uri}"
+        return f"browse it: open {uri} (experiment {self.experiment})"

@@ -202,10 +202,16 @@ def ray_cluster():
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {NODE_SLOT: 1}})
+    # The dashboard is not optional: Ray Train's placement-group cleaner asks its state API whether a run's
+    # controller is alive. Its port is chosen freely so that another local runtime (a study beside the tests)
+    # holding 8265 does not leave this cluster without one.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {NODE_SLOT: 1},
+                                                            "include_dashboard": True, "dashboard_port": 0})
     cluster.add_node(num_cpus=2, resources={NODE_SLOT: 1})
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
+    # as the CLIs do (sinkd_ray.runtime): every worker process knows its own cluster's address
+    ray.init(address=cluster.address, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "sinkd_ray.runtime.pin_ray_address"})
     # Subprocesses (CLI tests) attach to this runtime.
     os.environ["RAY_ADDRESS"] = cluster.address
     yield cluster

@@ -122,6 +122,10 @@ def test_a_study_on_two_nodes_and_uri_storage_completes(tmp_path, ray_cluster, t
     assert list((tmp_path / "driver-cache" / "teacher_cache").glob("*.safetensors"))
     assert (tmp_path / "driver-cache" / "multinode" / "best_student" / "config.json").exists()
     assert not (bucket / "teacher_cache").exists()
+    # Inputs only the driver's disk had (the student folder, the task's data files) were shipped to the storage
+    # for the workers (`storage.ship` / `localize`).
+    shipped = {p.name for p in (bucket / "_inputs").glob("*/*")}
+    assert Path(tiny_bert_dir).name in shipped and "cola-data" in shipped
 
     # Results and the registered model are complete.
     client = MlflowClient(tracking)

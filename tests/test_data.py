@@ -277,7 +277,10 @@ def test_unreachable_hub_says_how_to_point_at_local_files(monkeypatch):
     def no_network(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
 
+    import sinkd_ray.data
+
     monkeypatch.setattr(datasets, "load_dataset", no_network)
+    monkeypatch.setattr(sinkd_ray.data, "hub_reachable", lambda: True)  # the hub answers, the dataset fails
     with pytest.raises(SinkdError) as err:
         load_split("cola", "train")
     message = str(err.value)
@@ -295,7 +298,7 @@ def test_offline_hub_with_real_datasets_library(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("SINKD could not load rte train from the Hugging Face hub")
+    assert result.stdout.startswith("SINKD no network access to the Hugging Face hub to fetch rte train")
     assert "--data-dir" in result.stdout and "SINKD_DATA_DIR" in result.stdout
 
 

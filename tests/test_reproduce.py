@@ -25,7 +25,7 @@ def reproduce():
 def _argv(out: Path, teacher, student, data, *extra):
     return ["--task", "cola", "--data-dir", str(data), "--teacher", str(teacher), "--student", str(student),
             "--student-layers", "2", "--seeds", "2", "--epochs", "1", "--batch-size", "16", "--lr", "1e-3",
-            "--max-length", "32", "--out-dir", str(out), *extra]
+            "--max-length", "32", "--no-bf16", "--out-dir", str(out), *extra]
 
 
 def test_reproduce_writes_tables_logs_runs_and_reuses_finished_ones(tmp_path, reproduce, tiny_bert_dir,
@@ -62,23 +62,34 @@ def test_reproduce_writes_tables_logs_runs_and_reuses_finished_ones(tmp_path, re
 
 
 def test_reproduce_row_settings_match_the_paper_ablations(reproduce):
-    from sinkd_ray.config import DistillConfig
+    from sinkd_ray.config import DistillConfig, RunSpec, TrainConfig
     from sinkd_ray.objective import objective_weights
 
-    base = DistillConfig(alpha=0.9, beta=0.8, sinkhorn_scale_preset="released")
+    base = RunSpec(TrainConfig(), DistillConfig(alpha=0.9, beta=0.8, sinkhorn_scale_preset="released"))
     values = {"gamma": 0.5, "beta": 0.05, "sinkhorn_lambda": 0.2}
-    weights = {row: objective_weights(reproduce.row_config(base, row, values)) for row in reproduce.ROWS}
+    rows = {row: reproduce.row_spec(base, row, values, seed=1).distill for row in reproduce.ROWS}
+    weights = {row: objective_weights(cfg) for row, cfg in rows.items()}
     assert weights["ce"] == {"ce": pytest.approx(1.0), "kl": 0.0, "sd": 0.0, "rank": 0.0}
     assert weights["ce_kd"]["sd"] == 0.0 and weights["sinkd"]["sd"] == 0.8
     assert weights["kd_sd"]["ce"] == 0.0 and weights["ce_sd"]["kl"] == 0.0
-    assert reproduce.row_config(base, "sample", values).sinkhorn_variant == "sample"
-    assert reproduce.row_config(base, "js", values).distribution_term == "js"
-    assert reproduce.row_config(base, "ranking", values).gamma == 0.5
-    assert reproduce.row_config(base, "online", values).online_teacher
-    assert reproduce.row_config(base, "sinkd", values).sinkhorn_scale == pytest.approx(0.001)
-    unit = reproduce.row_config(base, "sinkd_unit", values)
+    assert rows["sample"].sinkhorn_variant == "sample" and rows["js"].distribution_term == "js"
+    assert rows["ranking"].gamma == 0.5 and rows["online"].online_teacher
+    assert rows["sinkd"].sinkhorn_scale == pytest.approx(0.001)
+    unit = rows["sinkd_unit"]
     assert (unit.sinkhorn_mass, unit.sinkhorn_scale, unit.beta, unit.sinkhorn_lambda) == ("unit", 1.0, 0.05, 0.2)
-    assert not any(reproduce.row_config(base, row, values).kl_tau_squared for row in reproduce.ROWS)
+    assert reproduce.row_spec(base, "ce", values, seed=1).train.seed == 1
+
+
+def test_untyped_fields_take_the_papers_settings_and_typed_flags_win(reproduce):
+    """The flags come from the dataclasses; what is not typed is the paper's per-task script and objective."""
+    parser = reproduce.build_parser()
+    argv = ["--task", "cola", "--student", "s", "--teacher", "t", "--lr", "1e-4"]
+    spec = reproduce.base_spec(parser.parse_args(argv), reproduce.explicit_dests(parser, argv))
+    assert spec.train.lr == 1e-4  # typed
+    assert (spec.train.epochs, spec.distill.batch_size, spec.distill.alpha) == (20, 16, 0.9)  # CoLA's script
+    assert not spec.distill.kl_tau_squared and spec.train.logit_space == "paper"
+    assert (spec.distill.sinkhorn_mass, spec.distill.sinkhorn_scale) == ("batch", 0.001)
+    assert spec.train.max_length == reproduce.TrainConfig().max_length  # the CLIs' default, not a copy of it
 
 
 @pytest.mark.parametrize("change, match", [

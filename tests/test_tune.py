@@ -15,6 +15,17 @@ from sinkd_ray.models import load_student
 from sinkd_ray.tasks import get_task
 from sinkd_ray.tune import main as tune_main
 
+TPE_SPACE = """\
+sampler: tpe
+search:
+  lr: {choice: [1.0e-2, 1.0e+30]}
+  alpha: {uniform: [0.0, 0.3]}
+fixed:
+  batch_size: 16
+  epochs: 2
+  max_grad_norm: 0.0
+"""
+
 REPO = Path(__file__).resolve().parents[1]
 # lr 1e-2 learns the fixture's rule within the first epoch (24 steps), lr 1e-5 does not: ASHA has something
 # to stop. A grid (Optuna's GridSampler) so both learning rates are tried; with --seed 0 a learning trial
@@ -43,13 +54,13 @@ def tiny_teacher(tmp_path_factory, tiny_bert_dir):
     return load_student(str(tiny_bert_dir), get_task("cola")).save_pretrained(tmp_path_factory.mktemp("teacher"))
 
 
-def _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, *extra):
+def _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, *extra, space_text=SPACE):
     space = tmp_path / "space.yaml"
-    space.write_text(SPACE)
+    space.write_text(space_text)
     return ["--task", "cola", "--teacher", str(tiny_teacher), "--student", str(tiny_bert_dir),
             "--student-layers", "2", "--data-dir", str(tune_data_dir), "--search-space", str(space),
             "--storage-path", str(tmp_path / "runs"), "--max-length", "32", "--eval-batch-size", "20",
-            "--warmup-ratio", "0", "--seed", "0", *extra]
+            "--warmup-ratio", "0", "--seed", "0", "--no-bf16", *extra]
 
 
 def _client(tmp_path):
@@ -84,9 +95,12 @@ def test_three_trial_study_tracks_registers_and_stops_early(tmp_path, ray_runtim
         history = client.get_metric_history(child.info.run_id, "dev_metric")
         assert len(history) >= 1 and "train_sd" in child.data.metrics
         assert child.data.tags["task"] == "cola" and "code_version" in child.data.tags
-    # ASHA (grace 1, reduction 2) cut at least one trial before its last epoch.
+    # ASHA (grace 1, reduction 2) cut at least one trial before its last epoch — and none of them crashed
+    # (a crashed trial also stops early, so the statuses are checked too).
     iterations = [len(client.get_metric_history(c.info.run_id, "dev_metric")) for c in children]
     assert min(iterations) < 3, iterations
+    assert all(c.info.status == "FINISHED" for c in children), [c.info.status for c in children]
+    assert "stopped early by ASHA" in out and "failed" not in out
 
     # The leaderboard and plots are artifacts of the parent run.
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "study")}
@@ -99,7 +113,7 @@ def test_three_trial_study_tracks_registers_and_stops_early(tmp_path, ray_runtim
     local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp_path / "dl"),
                                                 tracking_uri=client.tracking_uri)
     from sinkd_ray.data import load_split, tokenize_split
-    from sinkd_ray.train import evaluate
+    from sinkd_ray.worker import evaluate
 
     task = get_task("cola")
     student = load_student(local, task)
@@ -109,31 +123,65 @@ def test_three_trial_study_tracks_registers_and_stops_early(tmp_path, ray_runtim
 
 
 @pytest.mark.ray
+def test_tpe_study_with_a_diverging_trial_registers_a_finite_student(tmp_path, ray_runtime, tiny_bert_dir,
+                                                                      tiny_teacher, tune_data_dir, capsys):
+    """TPE end to end; the trials TPE gives lr 1e30 diverge: each fails alone (ERROR, with the reason), the study
+    goes on, and the registered student is a finite one from another trial."""
+    import math
+
+    from safetensors.torch import load_file
+
+    argv = _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, "--num-trials", "3", "--name", "tpe",
+                 space_text=TPE_SPACE)
+    assert tune_main(argv) == 0
+    out = capsys.readouterr().out
+    client = _client(tmp_path)
+    _, children = _study_runs(client)
+    lrs = {c.data.tags["sinkd.trial_id"]: float(c.data.params["lr"]) for c in children}
+    assert len(lrs) == 3 and {1e-2, 1e30} <= set(lrs.values())  # seed 0: TPE tried both
+    for child in children:
+        diverged = float(child.data.params["lr"]) == 1e30
+        assert child.info.status == ("FAILED" if diverged else "FINISHED"), child.data.params
+    assert "failed (" in out and "diverged: lower the learning rate" in out
+    version = client.get_model_version_by_alias("sinkd-cola-student", "best")
+    assert lrs[client.get_run(version.run_id).data.tags["sinkd.trial_id"]] == 1e-2
+    weights = load_file(str(tmp_path / "runs" / "tpe" / "best_student" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    assert not math.isnan(float(out.split("dev mcc = ")[1].split()[0]))
+
+
+@pytest.mark.ray
 def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(tmp_path, ray_runtime, tiny_bert_dir,
                                                                        tiny_teacher, tune_data_dir):
+    # 20 epochs (the flag wins over the file's 3): a trial lasts long enough to be interrupted in its middle
     argv = _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, "--num-trials", "3", "--name", "s2",
-                 "--grace-period", "3")  # no early stopping here: every trial runs all 3 epochs
+                 "--grace-period", "20", "--epochs", "20")  # no early stopping: every trial runs all epochs
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONUNBUFFERED"] = "1"
     log = tmp_path / "study.log"  # a file, not a pipe: an unread pipe fills up and blocks the study
     proc = subprocess.Popen([sys.executable, "-m", "sinkd_ray.tune", *argv], cwd=REPO, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
-    # Interrupt as soon as one trial has reported all 3 epochs. Poll Tune's files, not the SQLite store: opening
-    # the store while the study is still creating its tables races with it.
+    # Interrupt in the middle of the second trial: the first has reported all 3 epochs, the second one. Poll
+    # Tune's files, not the SQLite store: opening the store while the study is creating its tables races with it.
     deadline = time.time() + 300
     while time.time() < deadline:
-        time.sleep(2)
-        progress = (tmp_path / "runs" / "s2").glob("*/progress.csv")
-        if any(len(p.read_text().splitlines()) >= 4 for p in progress):  # header + 3 evaluations
-            time.sleep(5)  # let Tune record the trial's end
+        time.sleep(1)
+        lengths = sorted(len(p.read_text().splitlines()) for p in (tmp_path / "runs" / "s2").glob("*/progress.csv"))
+        if len(lengths) == 2 and lengths[-1] >= 21 and lengths[0] >= 2:  # header + 20, header + ≥1 evaluations
             break
         assert proc.poll() is None, log.read_text()[-3000:]
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=180) == 130, log.read_text()[-3000:]  # "interrupted … --resume", not a summary
+    assert "nothing registered" in log.read_text()
     client = _client(tmp_path)
-    _, before = _study_runs(client)
+    parents, before = _study_runs(client)
+    assert parents[0].info.status == "KILLED" and not client.search_registered_models()
+    assert all(c.info.status in ("FINISHED", "KILLED") for c in before), [c.info.status for c in before]
     finished_before = {c.data.tags["sinkd.trial_id"]: c.info.run_id for c in before if c.info.status == "FINISHED"}
-    assert finished_before and len(before) < 3
+    assert len(finished_before) == 1 and len(before) == 2
+    for checkpoint in (tmp_path / "runs" / "s2-train").glob("trial_*/checkpoint_*"):  # every copy left is whole
+        if checkpoint.is_dir():
+            assert (checkpoint / "metrics.json").is_file() and (checkpoint / "shards" / "rank0.safetensors").is_file()
 
     assert tune_main([*argv, "--resume"]) == 0
     parents, after = _study_runs(client)
@@ -141,8 +189,14 @@ def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(tmp_path,
     assert len(parents) == 1 and len(after) == 3 and len(set(trial_ids)) == 3  # no duplicate MLflow run
     for run_id in finished_before.values():  # the finished trial was not run again
         history = client.get_metric_history(run_id, "dev_metric")
-        assert sorted(m.step for m in history) == [1, 2, 3]
+        assert sorted(m.step for m in history) == list(range(1, 21))
     assert parents[0].info.status == "FINISHED"
+    versions = client.search_model_versions("name = 'sinkd-cola-student'")
+    assert len(versions) == 1  # one model version for the study, not one per finish
+
+    # Finishing again (a second --resume of a completed study) registers no second version of the same trial.
+    assert tune_main([*argv, "--resume"]) == 0
+    assert len(client.search_model_versions("name = 'sinkd-cola-student'")) == 1
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -154,7 +208,14 @@ def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(tmp_path,
     (["--search-space", "nope"], "search space 'nope' not found"),
     (["--student", "/no/such/model"], "model path '/no/such/model' not found"),
     (["--data-dir", "/no/such/dir"], "/no/such/dir"),
-    (["--num-trials", "0"], "num_trials=0 must be ≥ 1"),
+    (["--num-trials", "0"], "num_trials=0 is outside [1, inf)"),
+    (["--lr", "-1e-5"], "lr=-1e-05 is outside (0, inf)"),
+    (["--tracking-uri", "foo://bar"], "scheme 'foo' is not one MLflow can track to"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "no MLflow server answers"),
+    (["--storage-path", "/dev/null"], "is a file — give a folder"),
+    (["--student-layers", "12"], "has only 4 layers"),
+    (["--max-train-examples", "1"], "1 training examples give no full step of 16"),
+    (["--gpus-per-worker", "1", "--resources-wait", "0"], "cannot place 1 worker(s)"),
 ])
 def test_bad_cli_values_are_one_line_errors(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, extra,
                                             message):
@@ -162,8 +223,45 @@ def test_bad_cli_values_are_one_line_errors(tmp_path, tiny_bert_dir, tiny_teache
     proc = subprocess.run([sys.executable, "-m", "sinkd_ray.tune", *argv], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode != 0
-    err = proc.stderr.strip()
-    assert "Traceback" not in err
+    err = [line for line in proc.stderr.strip().splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in proc.stderr
     if message:
-        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+        assert len(err) == 1 and message in err[0], proc.stderr[-2000:]
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing started
+
+
+def test_asha_max_t_follows_a_searched_epochs_range():
+    """Epochs can be searched: ASHA's max_t is the largest value the space gives, not the CLI's --epochs."""
+    from sinkd_ray.config import DistillConfig, RunSpec, TrainConfig
+    from sinkd_ray.search_space import SearchSpace, Param
+    from sinkd_ray.study import max_evaluations, stopped_early
+
+    spec = RunSpec(TrainConfig(epochs=3), DistillConfig(batch_size=16))
+    searched = SearchSpace("x", search={"epochs": Param("epochs", "int", (2, 7))})
+    assert max_evaluations(searched, spec, 1000) == 7
+    chosen = SearchSpace("x", search={"epochs": Param("epochs", "choice", (4, 10, 5))})
+    assert max_evaluations(chosen, spec, 1000) == 10
+    assert max_evaluations(SearchSpace("x"), spec, 1000) == 3
+    step_wise = RunSpec(TrainConfig(epochs=2, eval_every_steps=10), DistillConfig(batch_size=16))
+    assert max_evaluations(SearchSpace("x"), step_wise, 1000) == 2 * 62 // 10 + 1 + 2  # ceil(124/10) + 2 epoch ends
+
+    class R:  # a finished trial that ran its own 5 searched epochs was not stopped early
+        def __init__(self, epochs, iterations):
+            self.error, self.config, self.metrics = None, {"epochs": epochs}, {"training_iteration": iterations}
+
+    assert stopped_early([R(5, 5), R(7, 2), R(2, 2)], spec) == 1
+
+
+@pytest.mark.ray
+def test_a_study_on_its_own_runtime_finishes_beside_another_local_runtime(tmp_path, ray_runtime, tiny_bert_dir,
+                                                                           tiny_teacher, tune_data_dir):
+    """Two local Ray runtimes on one machine (this test session's and the study's own): Ray Train's placement-
+    group cleaner used to fail with "multiple active Ray instances" and the second trial waited forever."""
+    argv = _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, "--num-trials", "2", "--name", "own",
+                 "--grace-period", "3")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, "-m", "sinkd_ray.tune", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "study own: 2 trials" in proc.stdout and "registered model" in proc.stdout
+    assert "Token authentication is enabled" in proc.stderr  # the runtime it started refuses unauthenticated calls

@@ -1,0 +1,107 @@
+"""The Ray runtime a command runs on: the one it starts (local, token-authenticated, dashboard on loopback) or
+the one it is pointed at (``--address`` / ``$RAY_ADDRESS``), never one Ray has to guess.
+
+Why: with two local runtimes on a machine (two studies, a study beside the tests), anything in Ray that looks
+for "the" local cluster fails with "Found multiple active Ray instances" — Ray Train's placement-group cleaner
+does, and the finished trial's placement group is then never released, so the next trial waits forever. So
+the runtime's address is pinned in ``RAY_ADDRESS`` for this process and for every worker process of the job
+(a ``worker_process_setup_hook``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from sinkd_ray.errors import SinkdError
+
+ADDRESS_ENV = "RAY_ADDRESS"
+
+
+def pin_ray_address() -> None:
+    """``worker_process_setup_hook``: every Ray worker process of the job knows its own cluster's address."""
+    import ray
+
+    os.environ[ADDRESS_ENV] = ray.get_runtime_context().gcs_address
+
+
+def connect(address: str | None = None) -> tuple[str, bool]:
+    """Attach to ``address`` (else $RAY_ADDRESS), or start a local runtime.
+
+    Returns (GCS address, whether this process started the runtime — a fixed-size local one). Idempotent.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address, False
+    address = address or os.environ.get(ADDRESS_ENV) or None
+    runtime_env = {"worker_process_setup_hook": "sinkd_ray.runtime.pin_ray_address"}
+    if address:
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise SinkdError(f"cannot reach the Ray cluster at {address} ({str(err).splitlines()[0][:120]}) — start "
+                             f"it (ray start --head / ray up) or drop --address and unset {ADDRESS_ENV} to run "
+                             "locally") from None
+        started = False
+    else:
+        # Ray 2.60 cannot bind a local runtime to loopback: ray.init resolves 127.0.0.1 to the node's address and
+        # its gRPC servers listen on every interface (measured: gcs_server and raylet on "::"). What it does offer
+        # is kept: token authentication, on by default for a new local runtime (unless RAY_AUTH_MODE says
+        # otherwise), so those ports refuse callers without the token; and the dashboard on 127.0.0.1.
+        # The dashboard is required (Ray Train's placement-group cleaner queries its state API), on a free port.
+        # address="local": always a new runtime of our own. Without an address ray.init would join whichever
+        # cluster `ray start` last wrote to /tmp/ray/ray_current_cluster — e.g. another study's.
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env,
+                 log_to_driver=True)
+        started = True
+    gcs = ray.get_runtime_context().gcs_address
+    os.environ[ADDRESS_ENV] = gcs  # this process and its subprocesses
+    return gcs, started
+
+
+def worker_bundle(cpus: float, gpus: float, resources: dict[str, float]) -> dict[str, float]:
+    bundle = {"CPU": cpus, **resources}
+    if gpus:
+        bundle["GPU"] = gpus
+    return bundle
+
+
+def fits_now(bundle: dict[str, float], count: int) -> bool:
+    """Whether ``count`` bundles fit into the nodes the cluster has (their total resources, busy or not)."""
+    import ray
+
+    capacity = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        total = node.get("Resources", {})
+        per_node = min((int(total.get(k, 0.0) // v + 1e-9) if v > 0 else count for k, v in bundle.items()),
+                       default=count)
+        capacity += per_node
+    return capacity >= count
+
+
+def check_resources(bundle: dict[str, float], count: int, *, wait_s: float) -> None:
+    """Refuse, in one line, a run whose ``count`` workers × ``bundle`` the cluster cannot place; where nodes
+    may still come (an autoscaling cluster: ``wait_s`` > 0), wait for them up to ``wait_s`` seconds, said first.
+    Without this, Ray Train retries starting the worker group every 60 s forever."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    if fits_now(bundle, count):
+        return
+    have = {k: v for k, v in ray.cluster_resources().items() if k in bundle or k in ("CPU", "GPU")}
+    need = f"{count} worker(s) × {bundle}"
+    if wait_s <= 0:
+        raise SinkdError(f"this Ray cluster cannot place {need} (it has {have}) — lower --workers / "
+                         "--cpus-per-worker / --gpus-per-worker, or run on a cluster with those resources")
+    print(f"waiting up to {wait_s:.0f} s for the cluster to provide {need} (it has {have} now; "
+          f"--resources-wait to change)", flush=True)
+    group = placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
+    try:
+        ready = group.wait(timeout_seconds=wait_s)
+    finally:
+        remove_placement_group(group)
+    if not ready:
+        raise SinkdError(f"after {wait_s:.0f} s the cluster still cannot place {need} — check the node types and "
+                         "max_workers of the cluster, or lower the request")

@@ -1,0 +1,223 @@
+"""The driver path every command takes: preflight refusals (one line, before any work), the teacher-logit
+cache key, Ray Train runs end to end (FSDP, crash and resume, a diverged run that is not retried), export."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sinkd_ray.config import DistillConfig, RunSpec, RuntimeConfig, TrainConfig
+from sinkd_ray.driver import export_best, fit_run, prepare_run, preflight
+from sinkd_ray.errors import SinkdError
+from sinkd_ray.storage import StorageLayout
+from sinkd_ray.tasks import get_task
+from sinkd_ray.teacher_cache import LogitsRequest, cached_teacher_logits, load_teacher_logits
+
+COLA = get_task("cola")
+
+
+def spec_for(student, teacher, data_dir, distill_cfg=None, **train) -> RunSpec:
+    base = dict(task="cola", student=str(student), student_layers=2, teacher=str(teacher) if teacher else None,
+                data_dir=str(data_dir), max_length=32, epochs=2, lr=1e-3, eval_batch_size=16, bf16=False)
+    return RunSpec(TrainConfig(**{**base, **train}), distill_cfg or DistillConfig(batch_size=16))
+
+
+# -------------------------------------------------------------------------------------------- preflight
+
+
+def test_preflight_makes_local_paths_absolute(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir):
+    checked = preflight(spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir))
+    assert Path(checked.train.teacher).is_absolute() and Path(checked.train.data_dir).is_absolute()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"teacher": "base"}, "is not a cola classifier .* --stage teacher"),
+    ({"student_layers": 12}, "--student-layers 12, but .* has only 4 layers — choose K ≤ 4"),
+    ({"max_train_examples": 8}, "8 training examples give no full step of 16"),
+    ({"student": "/no/such/model"}, "model path '/no/such/model' not found"),
+    ({"teacher": None}, "no --teacher given"),
+    ({"data_dir": "/no/such/dir"}, "no local cola train file under /no/such/dir"),
+])
+def test_preflight_refuses_in_one_line(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, change, message):
+    values = {"teacher": tiny_teacher_dir, **change}
+    if values["teacher"] == "base":
+        values["teacher"] = tiny_bert_dir
+    spec = spec_for(values.pop("student", tiny_bert_dir), values.pop("teacher"), values.pop("data_dir", cola_fixture_dir),
+                    **values)
+    with pytest.raises(SinkdError, match=message) as info:
+        preflight(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_a_binary_data_file_is_one_line(tmp_path, tiny_bert_dir, tiny_teacher_dir):
+    (tmp_path / "CoLA").mkdir()
+    (tmp_path / "CoLA" / "train.tsv").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "CoLA" / "dev.tsv").write_text("x\t1\t\ta b .\n")
+    with pytest.raises(SinkdError, match=r"train.tsv is not UTF-8 text .* original CoLA release file"):
+        preflight(spec_for(tiny_bert_dir, tiny_teacher_dir, tmp_path))
+
+
+def test_a_hub_id_without_network_says_so_at_once(monkeypatch):
+    import time
+
+    from sinkd_ray import hub
+    from sinkd_ray.models import load_config
+
+    hub.hub_reachable.cache_clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    with pytest.raises(SinkdError, match="no network access to the Hugging Face hub .* offline:all-mpnet-base-v2"):
+        load_config("some-org/some-model-that-is-not-cached")
+    assert time.time() - t0 < 10  # no 30 s of retries (a bound on a hang, not a speed target)
+    hub.hub_reachable.cache_clear()
+
+
+def test_fractional_gpus_with_several_workers_are_refused():
+    with pytest.raises(SinkdError, match="two NCCL ranks of one run on the same GPU"):
+        TrainConfig(workers=2, gpus_per_worker=0.5)
+    TrainConfig(workers=1, gpus_per_worker=0.25)  # several one-worker runs may share a GPU
+
+
+def test_storage_path_on_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SinkdError, match="is a file — give a folder"):
+        StorageLayout.at(str(tmp_path / "file"))
+
+
+# ------------------------------------------------------------------------------------- teacher logits
+
+
+def test_teacher_cache_is_reused_and_invalidated(tmp_path, tiny_teacher_dir, cola_fixture_dir):
+    from sinkd_ray.models import load_teacher
+
+    request = LogitsRequest(str(tiny_teacher_dir), "cola", "train", str(cola_fixture_dir), max_length=32)
+    path, computed = cached_teacher_logits(request, tmp_path / "cache")
+    assert computed and path.exists() and load_teacher_logits(path).shape == (96, 2)
+    again, computed_again = cached_teacher_logits(request, tmp_path / "cache")
+    assert again == path and not computed_again
+    changed = load_teacher(str(tiny_teacher_dir), COLA)
+    with torch.no_grad():
+        next(changed.hf_model.parameters()).add_(1e-3)
+    changed_dir = changed.save_pretrained(tmp_path / "teacher-v2")
+    path_v2, computed_v2 = cached_teacher_logits(LogitsRequest(str(changed_dir), "cola", "train",
+                                                               str(cola_fixture_dir), max_length=32), tmp_path / "cache")
+    assert computed_v2 and path_v2 != path
+
+
+@pytest.mark.parametrize("field, value", [("max_length", 16), ("logit_space", "vocab"), ("quantization", "8bit"),
+                                          ("bf16", True), ("split", "dev"), ("task", "sst2")])
+def test_every_input_of_the_logits_is_in_the_cache_key(tiny_gptneo_dir, field, value):
+    """Changing anything the logits depend on changes the key (template too: see the prompt case below)."""
+    base = LogitsRequest(str(tiny_gptneo_dir), "cola", "train", None, max_length=32)
+    assert base.key().digest() != LogitsRequest(**{**base.__dict__, field: value}).key().digest()
+
+
+def test_the_prompt_template_is_in_the_cache_key(tiny_gptneo_dir, monkeypatch):
+    import dataclasses
+
+    from sinkd_ray import tasks
+
+    request = LogitsRequest(str(tiny_gptneo_dir), "cola", "train", None, max_length=32)
+    before = request.key().digest()
+    changed = dataclasses.replace(tasks.TASKS["cola"], template="Text: {sentence}\nGrammatical? Answer:")
+    monkeypatch.setitem(tasks.TASKS, "cola", changed)
+    assert request.key().digest() != before
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def test_export_never_deletes_and_refuses_the_run_folder(tmp_path, tiny_bert_dir, tiny_teacher_dir,
+                                                         cola_fixture_dir):
+    from sinkd_ray.worker import distill
+
+    run = tmp_path / "run"
+    spec = spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, teacher_source="live", epochs=1)
+    import shutil
+
+    distill(spec, report=lambda m, d: shutil.copytree(d, run / "ckpt_b"))
+    (run / "ckpt_gone").mkdir()  # listed, but its files were already removed
+    metrics = json.loads((run / "ckpt_b" / "metrics.json").read_text())
+    result = SimpleNamespace(path=str(run), best_checkpoints=[
+        (SimpleNamespace(path=str(run / "ckpt_b")), metrics), (SimpleNamespace(path=str(run / "ckpt_gone")),
+                                                               {"dev_metric": 0.9})])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user file")
+    assert export_best(result, out)["step"] == metrics["step"]
+    assert (out / "model.safetensors").exists() and (out / "keep.txt").exists()
+    for bad in (run, run / "export"):
+        with pytest.raises(SinkdError, match="overlaps the run's own folder"):
+            export_best(result, bad)
+    assert (run / "ckpt_b" / "shards").is_dir()
+
+
+# ------------------------------------------------------------------------------------ Ray Train runs
+
+
+def _prepare(tmp_path, spec):
+    return prepare_run(spec, StorageLayout.at(str(tmp_path / "runs")), RuntimeConfig())
+
+
+@pytest.mark.ray
+def test_two_worker_fsdp_run_exports_a_student_that_reproduces_its_metric(
+        tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir):
+    from sinkd_ray.data import load_split, tokenize_split
+    from sinkd_ray.models import load_student
+    from sinkd_ray.worker import evaluate
+
+    # lr 1e-2 for 5 epochs: what the tiny random BERT needs to pick up the fixture's rule; α = 0: CE + β·Sinkhorn,
+    # so the gold labels (not the random test teacher) drive the student.
+    spec = spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, workers=2, lr=1e-2, epochs=5,
+                    warmup_ratio=0.0, distill_cfg=DistillConfig(alpha=0.0, batch_size=16))
+    result = fit_run(_prepare(tmp_path, spec), "fsdp2")
+    assert result.error is None
+    best = export_best(result, tmp_path / "best")
+    student = load_student(str(tmp_path / "best"), COLA)
+    dev = tokenize_split(load_split(COLA, "dev", str(cola_fixture_dir)), COLA, student.tokenizer, 32)
+    metrics = evaluate(student, COLA, dev, per_worker=16, rank=0, world=1, device=torch.device("cpu"), bf16=False)
+    assert metrics["mcc"] == pytest.approx(best["dev_metric"], abs=1e-6)
+    assert best["dev_accuracy"] > 0.5  # the fixture's rule is learnable; a random head sits near 0.5
+    checkpoint = next(Path(result.path).glob("checkpoint_*"))
+    assert sorted(p.name for p in (checkpoint / "shards").iterdir()) == ["rank0.safetensors", "rank1.safetensors"]
+
+
+@pytest.mark.ray
+def test_a_crashed_worker_resumes_from_its_last_checkpoint(tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher_dir,
+                                                           cola_fixture_dir):
+    # 6 steps per epoch, a checkpoint every 2 steps, a crash at step 5 (first attempt only).
+    spec = spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, eval_every_steps=2, fault_at_step=5,
+                    max_failures=1, checkpoints_to_keep=10)  # the history is read from kept checkpoints
+    result = fit_run(_prepare(tmp_path, spec), "crash")
+    assert result.error is None
+    history = result.metrics_dataframe
+    resumed = history[history["resumed_from_step"] >= 0]
+    assert not resumed.empty and set(resumed["resumed_from_step"]) == {4}  # the last checkpoint before step 5
+    assert resumed["step"].min() == 6  # continued at step 5, next report at 6: no restart from zero
+    assert history["step"].max() == 12  # and finished both epochs
+
+
+@pytest.mark.ray
+def test_a_diverged_run_fails_at_once_with_one_line_and_is_not_retried(tmp_path, ray_runtime, tiny_bert_dir,
+                                                                       tiny_teacher_dir, cola_fixture_dir):
+    spec = spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, lr=1e30, max_grad_norm=0.0,
+                    warmup_ratio=0.0, max_failures=2)
+    prepared = _prepare(tmp_path, spec)
+    with pytest.raises(SinkdError, match="diverged: lower the learning rate") as info:
+        fit_run(prepared, "nan")
+    assert "\n" not in str(info.value)
+    run = tmp_path / "runs" / "nan"
+    assert not list(run.glob("checkpoint_*"))  # nothing from the diverged weights was kept
+
+
+@pytest.mark.ray
+def test_a_request_the_cluster_cannot_place_is_refused_at_once(tmp_path, ray_runtime, tiny_bert_dir,
+                                                               tiny_teacher_dir, cola_fixture_dir):
+    spec = spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, gpus_per_worker=1.0)
+    with pytest.raises(SinkdError, match=r"cannot place 1 worker\(s\) × .*'GPU': 1.0"):
+        prepare_run(spec, StorageLayout.at(str(tmp_path / "runs")), RuntimeConfig(resources_wait=0))
+    with pytest.raises(SinkdError, match="after 2 s the cluster still cannot place"):
+        prepare_run(spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, workers=8),  # 8 CPUs of 4
+                    StorageLayout.at(str(tmp_path / "runs")), RuntimeConfig(resources_wait=2))
