@@ -89,6 +89,18 @@ class FakeCluster:
 
         return JobSubmissionClient(self.dashboard)
 
+    def submit(self, **job) -> str:
+        """Submit a job; the dashboard answers before its agent is ready ("No available agent to submit job,
+        please try again later"), so that answer is retried."""
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                return self.client().submit_job(**job)
+            except RuntimeError as exc:
+                if "try again later" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+
     def autoscaler_report(self) -> dict:
         """The autoscaler's own summary (what `ray status` prints), from the fake cluster's GCS."""
         from ray._raylet import GcsClient
@@ -232,8 +244,8 @@ def test_the_readme_study_autoscales_gpu_nodes_of_cluster_yaml_and_releases_them
         "--worker-resources", f"{STAND_IN_GPU}=1,accelerator_type:A10G=0.001", "--name", "autoscaled"])
     client = fake_cluster.client()
     t0 = time.monotonic()
-    job = client.submit_job(entrypoint=entrypoint,
-                            runtime_env={"env_vars": {"SINKD_CACHE_DIR": str(tmp_path / "driver-cache")}})
+    job = fake_cluster.submit(entrypoint=entrypoint,
+                              runtime_env={"env_vars": {"SINKD_CACHE_DIR": str(tmp_path / "driver-cache")}})
 
     node_types: dict[str, str] = {}  # node id -> node type, as the autoscaler reported them while they lived
 
