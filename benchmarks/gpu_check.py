@@ -1,4 +1,5 @@
-"""The GPU smoke run: what a maintainer runs on the first GPU machine they get (about 5-8 minutes on one GPU).
+"""The GPU smoke run: what a maintainer runs on the first GPU machine they get (sized for at most 8 minutes on
+one GPU: 8 runs of one small epoch, each with its own Ray start-up; not yet timed on a GPU).
 
     python benchmarks/gpu_check.py                  # everything below, then one table
     python benchmarks/gpu_check.py --dry-run        # print the commands, run nothing (works without a GPU)
