@@ -1,13 +1,33 @@
 """`python -m sinkd_ray.cluster check cluster.yaml`: check a Ray cluster launcher file offline, before `ray up`.
 
 Ray's own schema validation (``prepare_config`` + ``validate_config``, no cloud credentials needed) catches
-unknown keys and wrong types; it does not catch node types whose ``min_workers`` exceeds ``max_workers`` (the
-autoscaler then silently never reaches the minimum) or credentials pasted into the file, so we check those too.
+unknown keys and wrong types. It does not catch what makes ``ray up`` fail later, or a study fail hours in;
+each of those is a check here with a one-line error:
+
+- node types whose ``min_workers`` exceeds ``max_workers`` (the autoscaler silently never reaches the minimum),
+  and credentials pasted into the file;
+- lines marked CHANGE still holding their placeholders (the bucket, the AMI);
+- an implicit or outdated AMI: no ``ImageId`` or ``latest_dlami`` is Ray 2.60's ``DEFAULT_AMI``, "AWS Deep
+  Learning AMI (Ubuntu 18.04) V71.0" (glibc 2.27: no torch 2.13 wheel, which is manylinux_2_28);
+- a worker node type without ``IamInstanceProfile``: Ray attaches its default role to the head only, so the
+  worker's first checkpoint upload to the bucket fails;
+- the bucket in more than one place: ``SINKD_BUCKET`` in ``docker.run_options`` is the only one allowed;
+- the MLflow backend: ``SINKD_MLFLOW_BACKEND`` must say ``sqlite`` or ``ssm:<parameter>`` (no silent default);
+- unpinned or mismatched software: the image must be Ray's image of the Ray version constraints.txt pins, and
+  setup must install with ``python -m pip … -c …constraints.txt`` (``python``: the interpreter of the README's
+  ``ray job submit -- python -m sinkd_ray.tune``, not ``python3`` or a bare ``pip``).
+
+``preflight`` and ``mlflow-server`` run on the cluster's nodes (cluster.yaml; code in node_setup.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
+import logging
+import re
+import shlex
 from pathlib import Path
 
 import yaml
@@ -18,29 +38,115 @@ from sinkd_ray.errors import SinkdError
 # Keys that carry secrets: they belong in the environment / instance roles, never in a committed file.
 CREDENTIAL_KEYS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "password",
                    "secret", "private_key")
+PLACEHOLDER_BUCKET = "s3://my-sinkd-bucket"
+AMI_ID = re.compile(r"^ami-[0-9a-f]{8}(?:[0-9a-f]{9})?$")
+SETUP_KEYS = ("setup_commands", "head_setup_commands", "worker_setup_commands")
+# A pip install and the interpreter in front of it ("python -m pip install", "python3 -m pip install", "pip3 install").
+PIP_INSTALL = re.compile(r"(?:(\S+)\s+-m\s+)?(\S*\bpip[\d.]*)\s+install\b")
 
 
-def _walk_keys(node, path=()):
+def _walk(node, path=()):
+    """(path, key or value) for every key and every string value of a nested config."""
     if isinstance(node, dict):
         for key, value in node.items():
-            yield (*path, str(key))
-            yield from _walk_keys(value, (*path, str(key)))
+            yield (*path, str(key)), str(key), True
+            yield from _walk(value, (*path, str(key)))
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            yield from _walk_keys(value, (*path, str(i)))
+            yield from _walk(value, (*path, str(i)))
+    elif isinstance(node, str):
+        yield path, node, False
 
 
-def validate_cluster_config(config: dict, source: str = "cluster config") -> dict:
-    """Ray's schema plus our checks; returns Ray's prepared config. Problems raise a one-line SinkdError."""
+def _ray_default_amis() -> set[str]:
+    """The AMI ids Ray 2.60 falls back to (``DEFAULT_AMI`` in ray/autoscaler/_private/aws/config.py), read from
+    Ray's source: importing that module needs boto3, which an offline check should not."""
+    spec = importlib.util.find_spec("ray.autoscaler._private.aws")
+    path = Path(next(iter(spec.submodule_search_locations or [])), "config.py") if spec else None
+    if not path or not path.is_file():
+        return set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "DEFAULT_AMI" for t in node.targets):
+            return set(ast.literal_eval(node.value).values())
+    return set()
+
+
+def _docker_env(docker: dict) -> dict[str, str]:
+    """NAME -> value of the ``--env``/``-e`` options in ``docker.run_options`` (and the head/worker variants)."""
+    tokens = [t for key in ("run_options", "head_run_options", "worker_run_options")
+              for option in docker.get(key) or [] for t in shlex.split(str(option))]
+    env = {}
+    for i, token in enumerate(tokens):
+        value = None
+        if token.startswith(("--env=", "-e=")):
+            value = token.split("=", 1)[1]
+        elif token in ("--env", "-e") and i + 1 < len(tokens):
+            value = tokens[i + 1]
+        if value and "=" in value:
+            name, val = value.split("=", 1)
+            env[name] = val
+    return env
+
+
+def _ray_pin(constraints: Path) -> str | None:
+    if constraints.is_file():
+        match = re.search(r"^ray==(\S+)", constraints.read_text(), re.MULTILINE)
+        return match.group(1) if match else None
+    return None
+
+
+def _check_software(config: dict, source: str, constraints: Path | None) -> None:
+    image = str((config.get("docker") or {}).get("image") or "")
+    pin = _ray_pin(constraints) if constraints else None
+    if not image:
+        raise SinkdError(f"{source}: no docker.image — pin Ray's GPU image of this project's Ray version "
+                         f"(rayproject/ray:{pin or '<version>'}-py311-cu130), so every node runs the same software")
+    if constraints and pin is None:
+        raise SinkdError(f"{source}: {constraints} does not pin ray — the lock file every node installs is missing")
+    if pin and not image.startswith(f"rayproject/ray:{pin}-"):
+        raise SinkdError(f"{source}: docker.image {image} is not Ray's image of the pinned ray=={pin} — use "
+                         f"rayproject/ray:{pin}-py311-cu130 (a node on another Ray version never joins)")
+    if not re.search(r"-(cu\d+|gpu)\b", image):
+        raise SinkdError(f"{source}: docker.image {image} is not a GPU image — use a -cuXXX tag (torch 2.13 from "
+                         "PyPI is a CUDA 13.0 build: -cu130)")
+    installs = []
+    for key in SETUP_KEYS:
+        for i, command in enumerate(config.get(key) or []):
+            where = f"{key}[{i}]"
+            for match in PIP_INSTALL.finditer(command):
+                interpreter, pip = match.groups()
+                if interpreter != "python" or pip != "pip":
+                    used = f"{interpreter} -m {pip}" if interpreter else pip
+                    raise SinkdError(f"{source}: {where} installs with '{used}', but the README's job runs 'python -m "
+                                     "sinkd_ray.tune' — install with 'python -m pip' (the same interpreter)")
+                installs.append((where, command))
+    project = [(w, c) for w, c in installs if re.search(r"\s-e\s", c)]
+    if not project:
+        raise SinkdError(f"{source}: setup_commands never install this checkout (python -m pip install -c "
+                         ".../constraints.txt -e <file_mounts path>)")
+    for where, command in installs:
+        if not re.search(r"(?:\s-c\s*|--constraint[=\s])\S*constraints\.txt\b", command):
+            raise SinkdError(f"{source}: {where} installs without -c …/constraints.txt — unpinned dependencies drift "
+                             "(a node autoscaled a day later gets other versions)")
+
+
+def validate_cluster_config(config: dict, source: str = "cluster config", constraints: Path | None = None) -> dict:
+    """Ray's schema plus our checks; returns Ray's prepared config. Problems raise a one-line SinkdError.
+
+    ``constraints``: the lock file beside the cluster file; the docker image must match its ``ray==`` pin.
+    """
     import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     if not isinstance(config, dict):
         raise SinkdError(f"{source}: not a YAML mapping")
-    for keys in _walk_keys(config):
-        if keys[-1].lower() in CREDENTIAL_KEYS or keys[-1].lower().endswith("_secret"):
+    for keys, text, is_key in _walk(config):
+        if is_key and (text.lower() in CREDENTIAL_KEYS or text.lower().endswith("_secret")):
             raise SinkdError(f"{source}: '{'.'.join(keys)}' looks like a credential — remove it and use the "
                              "environment or an instance role")
+    quiet = logging.getLogger("ray.autoscaler")  # prepare_config logs an INFO line; the check prints one line
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
         prepared = prepare_config(config)
         validate_config(prepared)
@@ -49,8 +155,11 @@ def validate_cluster_config(config: dict, source: str = "cluster config") -> dic
         raise SinkdError(f"{source}: {exc.message} (at {where})") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise SinkdError(f"{source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    finally:
+        quiet.setLevel(level)
     head = prepared.get("head_node_type")
-    workers = {name: t for name, t in prepared.get("available_node_types", {}).items() if name != head}
+    types = prepared.get("available_node_types", {})
+    workers = {name: t for name, t in types.items() if name != head}
     for name, node_type in workers.items():
         low, high = node_type.get("min_workers", 0), node_type.get("max_workers", 0)
         if low > high:
@@ -59,6 +168,49 @@ def validate_cluster_config(config: dict, source: str = "cluster config") -> dic
     if total_min > prepared.get("max_workers", 0):
         raise SinkdError(f"{source}: the node types' min_workers add up to {total_min}, more than the cluster's "
                          f"max_workers={prepared.get('max_workers')}")
+
+    env = _docker_env(prepared.get("docker") or {})
+    aws = prepared["provider"].get("type") == "aws"
+    amis = {name: str(t.get("node_config", {}).get("ImageId", "")) for name, t in types.items()}
+    # The CHANGE lines first, in one line: a fresh copy of the template names everything to fill in at once.
+    unset_ami = [name for name, ami in amis.items() if aws and re.fullmatch(r"ami-x+", ami)]
+    todo = ([f"SINKD_BUCKET (still {PLACEHOLDER_BUCKET})"] if env.get("SINKD_BUCKET") == PLACEHOLDER_BUCKET else []) \
+        + ([f"ImageId of {', '.join(unset_ami)} (still {amis[unset_ami[0]]})"] if unset_ami else [])
+    if todo:
+        raise SinkdError(f"{source}: fill in the lines marked CHANGE: {'; '.join(todo)}")
+    if aws:
+        old = _ray_default_amis()
+        for name, ami in amis.items():
+            if ami.lower() in ("", "latest_dlami") or ami in old:
+                raise SinkdError(f"{source}: node type '{name}' has ImageId {ami or '(none)'!r}, which Ray 2.60 "
+                                 "resolves to its default 'AWS Deep Learning AMI (Ubuntu 18.04) V71.0' (glibc 2.27, no "
+                                 "torch 2.13 wheel) — set an explicit current AMI (the CHANGE line)")
+            if not (AMI_ID.match(ami) or ami.startswith("resolve:ssm:")):
+                raise SinkdError(f"{source}: node type '{name}' has ImageId {ami!r}, not an AMI id (ami-…)")
+        for name, node_type in workers.items():
+            profile = node_type.get("node_config", {}).get("IamInstanceProfile") or {}
+            if not (profile.get("Arn") or profile.get("Name")):
+                raise SinkdError(f"{source}: worker node type '{name}' has no IamInstanceProfile — Ray gives its "
+                                 "default role to the head only, so this node cannot write checkpoints to the bucket; "
+                                 "add IamInstanceProfile: {Name: sinkd-ray-worker} (deploy/aws_iam.sh)")
+
+    # The file's own lists (prepare_config merges setup_commands into the head/worker lists): indices as written.
+    _check_software(config, source, constraints)
+    bucket = env.get("SINKD_BUCKET")
+    if not bucket or not re.fullmatch(r"(s3|gs)://[a-z0-9][a-z0-9.\-_]{1,254}(/\S*)?", bucket):
+        raise SinkdError(f"{source}: docker.run_options must set the bucket once, e.g. "
+                         f"--env=SINKD_BUCKET=s3://your-bucket (found {bucket!r})")
+    for keys, text, _ in _walk(config):
+        if "SINKD_BUCKET=" in text:  # the one place itself
+            continue
+        copy = re.search(r"\b(?:s3|gs)://[^\s\"'$/]+", text)
+        if copy:
+            raise SinkdError(f"{source}: '{'.'.join(keys)}' names a bucket ({copy.group(0)}) — use $SINKD_BUCKET, so "
+                             "that the bucket lives in one place (a second copy fails only at the end of a study)")
+    backend = env.get("SINKD_MLFLOW_BACKEND", "")
+    if backend != "sqlite" and not re.fullmatch(r"ssm:/?[\w./\-]+", backend):
+        raise SinkdError(f"{source}: docker.run_options must set --env=SINKD_MLFLOW_BACKEND=sqlite (lost at `ray "
+                         f"down`) or ssm:<parameter> (a database URI that survives it); found {backend!r}")
     return prepared
 
 
@@ -70,20 +222,31 @@ def load_cluster_file(path: str | Path) -> dict:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SinkdError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return validate_cluster_config(config, str(path))
+    return validate_cluster_config(config, str(path), constraints=path.resolve().parent / "constraints.txt")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sinkd_ray.cluster",
-                                     description="Check a Ray cluster launcher file offline (schema and sanity).")
+                                     description="Check a Ray cluster launcher file offline; set up its nodes.")
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="validate a cluster file")
+    check = sub.add_parser("check", help="validate a cluster file (before `ray up`)")
     check.add_argument("path", nargs="?", default="cluster.yaml")
+    pre = sub.add_parser("preflight", help="on a node: versions, GPUs, bucket (and with --head the MLflow backend)")
+    pre.add_argument("--head", action="store_true")
+    sub.add_parser("mlflow-server", help="on the head: start the MLflow tracking server (127.0.0.1:5000)")
     args = parser.parse_args(argv)
-    prepared = load_cluster_file(args.path)
-    types = ", ".join(f"{name} ({t.get('min_workers', 0)}-{t.get('max_workers', 0)})"
-                      for name, t in prepared["available_node_types"].items())
-    print(f"{args.path}: valid ({prepared['provider']['type']}; node types: {types})")
+    if args.command == "check":
+        prepared = load_cluster_file(args.path)
+        types = ", ".join(f"{name} ({t.get('min_workers', 0)}-{t.get('max_workers', 0)})"
+                          for name, t in prepared["available_node_types"].items())
+        print(f"{args.path}: valid ({prepared['provider']['type']}; node types: {types})")
+        return 0
+    from sinkd_ray import node_setup
+
+    if args.command == "preflight":
+        print("preflight: " + "; ".join(node_setup.preflight(head=args.head)))
+    else:
+        print(f"MLflow server: {node_setup.start_mlflow_server()}")
     return 0
 
 

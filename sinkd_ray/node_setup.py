@@ -1,0 +1,208 @@
+"""What cluster.yaml runs on its nodes at setup, before Ray starts there (`python -m sinkd_ray.cluster ...`).
+
+``preflight [--head]`` turns the failures that would otherwise surface hours into a study into a failed
+``ray up`` (head) or a failed node setup (workers, visible in ``ray status`` and the monitor log), one line each:
+installed versions that differ from constraints.txt, GPUs torch cannot use (an NVIDIA driver too old for its
+CUDA build), a bucket this node cannot write (no instance profile, a typo), an MLflow backend that cannot be read.
+``mlflow-server`` starts the head's tracking server on the backend of ``SINKD_MLFLOW_BACKEND``, with no fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+
+from sinkd_ray.errors import SinkdError
+
+CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:200]
+
+
+def dependency_closure(root: str = "sinkd-ray") -> dict[str, str]:
+    """{name: installed version} of ``root`` and everything it requires here (extras it asks for included,
+    environment markers evaluated on this machine)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found: dict[str, tuple[str, set]] = {}
+    todo = [(root, set())]
+    while todo:
+        name, extras = todo.pop()
+        key = canonicalize_name(name)
+        if key in found and extras <= found[key][1]:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        extras = extras | (found[key][1] if key in found else set())
+        found[key] = (dist.version, extras)
+        for raw in dist.requires or []:
+            req = Requirement(raw)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras | {""}):
+                todo.append((req.name, set(req.extras)))
+    return {key: version for key, (version, _) in found.items()}
+
+
+def check_versions(constraints: Path | None = None) -> int:
+    """sinkd-ray and everything it depends on here have exactly the versions constraints.txt pins (a package
+    with no pin is not checked); returns how many were checked."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    constraints = constraints or CONSTRAINTS
+    if not constraints.is_file():
+        raise SinkdError(f"{constraints}: no such file — the checkout on this node is incomplete")
+    pins = {}
+    for line in constraints.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, pinned = (part.strip() for part in line.split("==", 1))
+            pins[canonicalize_name(name)] = pinned
+    installed = dependency_closure()
+    if "sinkd-ray" not in installed:
+        raise SinkdError(f"sinkd-ray is not installed here — `python -m pip install -c {constraints} -e "
+                         f"{constraints.parent}`")
+    # "==2.13.0" accepts 2.13.0+cpu and the CUDA build alike (PEP 440 ignores the local label).
+    wrong = [f"{name} {version} (pinned {pins[name]})" for name, version in sorted(installed.items())
+             if name in pins and not SpecifierSet(f"=={pins[name]}").contains(Version(version), prereleases=True)]
+    if wrong:
+        raise SinkdError(f"{len(wrong)} installed package(s) differ from {constraints.name}: {', '.join(wrong[:4])}"
+                         f"{' …' if len(wrong) > 4 else ''} — install with `python -m pip install -c "
+                         f"{constraints} -e {constraints.parent}`")
+    return sum(name in pins for name in installed)
+
+
+def _nvidia_devices() -> list[Path]:
+    return sorted(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def check_gpus() -> None:
+    """A node with NVIDIA devices must be usable by this torch (its CUDA build needs a recent enough driver)."""
+    if not _nvidia_devices():
+        return  # a CPU node (the head)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SinkdError(f"this node has NVIDIA devices but torch {torch.__version__} (CUDA {torch.version.cuda}) "
+                         "cannot use them: the host's NVIDIA driver is older than this CUDA build needs (CUDA 13 "
+                         "needs driver >= 580) — use the AMI named in cluster.yaml")
+
+
+def bucket_uri() -> str:
+    bucket = os.environ.get("SINKD_BUCKET", "").rstrip("/")
+    if "://" not in bucket:
+        raise SinkdError(f"SINKD_BUCKET={bucket!r} is not a storage URI — cluster.yaml sets it in "
+                         "docker.run_options (e.g. --env=SINKD_BUCKET=s3://your-bucket)")
+    return bucket
+
+
+def check_storage(uri: str) -> None:
+    """Write and delete a small object under ``uri`` through pyarrow, the filesystem layer Ray Train itself
+    resolves ``storage_path`` with, so the same credentials and region lookup are exercised. Nothing is created
+    on object stores but the probe: a mistyped bucket must fail here, not be created."""
+    import pyarrow.fs
+
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(uri)
+        root = root.rstrip("/")
+        if isinstance(fs, pyarrow.fs.LocalFileSystem):
+            fs.create_dir(root, recursive=True)
+        elif fs.get_file_info(root.split("/", 1)[0]).type == pyarrow.fs.FileType.NotFound:
+            raise FileNotFoundError(f"bucket {root.split('/', 1)[0]} does not exist")
+        probe = f"{root}/.sinkd-preflight-{socket.gethostname()}-{os.getpid()}"
+        with fs.open_output_stream(probe) as out:
+            out.write(b"sinkd_ray preflight\n")
+        fs.delete_file(probe)
+    except Exception as exc:  # pyarrow raises OSError / ValueError / ArrowInvalid depending on the cause
+        raise SinkdError(f"cannot write to {uri} from this node ({_first_line(exc)}) — check that the bucket "
+                         "exists and that this node type's IamInstanceProfile grants S3 access "
+                         "(deploy/aws_iam.sh)") from None
+
+
+def mlflow_backend_uri(setting: str | None = None) -> str:
+    """The backend-store URI for ``SINKD_MLFLOW_BACKEND``: ``sqlite`` (a file on this node) or
+    ``ssm:<parameter>`` (a database URI kept in SSM Parameter Store). Anything unreadable is an error."""
+    setting = (setting if setting is not None else os.environ.get("SINKD_MLFLOW_BACKEND", "")).strip()
+    if setting == "sqlite":
+        return f"sqlite:///{Path.home() / 'mlflow' / 'mlflow.db'}"
+    if setting.startswith("ssm:") and len(setting) > 4:
+        name = setting[4:]
+        try:
+            import boto3  # in Ray's images (its AWS autoscaler needs it); region and credentials from the instance
+
+            value = boto3.client("ssm").get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"]
+        except Exception as exc:
+            raise SinkdError(f"cannot read the MLflow backend URI from SSM parameter {name} ({_first_line(exc)}) — "
+                             "create it (aws ssm put-parameter --type SecureString) and let the head's role read "
+                             "it, or set SINKD_MLFLOW_BACKEND=sqlite in cluster.yaml") from None
+        if "://" not in value:
+            raise SinkdError(f"SSM parameter {name} does not hold a database URI (e.g. postgresql://user:pass@host/db)")
+        return value
+    raise SinkdError(f"SINKD_MLFLOW_BACKEND={setting!r}: set it in cluster.yaml to sqlite or ssm:<parameter name>")
+
+
+def preflight(head: bool = False) -> list[str]:
+    """All checks of this node; returns what was checked (printed by the CLI)."""
+    done = [f"{check_versions()} installed packages match {CONSTRAINTS.name}"]
+    check_gpus()
+    uri = bucket_uri()
+    check_storage(uri)
+    done.append(f"{uri} writable")
+    if head:
+        backend = mlflow_backend_uri()
+        done.append("MLflow backend: " + ("SQLite on this node (deleted by `ray down`)" if backend.startswith(
+            "sqlite") else "read from " + os.environ["SINKD_MLFLOW_BACKEND"][4:]))
+    return done
+
+
+def _running(pidfile: Path) -> bool:
+    try:
+        return "mlflow" in Path(f"/proc/{int(pidfile.read_text())}/cmdline").read_text(errors="replace")
+    except (OSError, ValueError):
+        return False
+
+
+def start_mlflow_server(host: str = "127.0.0.1", port: int = 5000, home: Path | None = None,
+                        wait_s: float = 180.0) -> str:
+    """Start (once) ``mlflow server`` on the configured backend, artifacts proxied to ``$SINKD_BUCKET/mlflow``;
+    return its URL once ``/health`` answers. A server that exits or never answers is an error, not a warning.
+
+    Loopback only: the study's driver runs on the head (a Ray job) and the user comes in through
+    ``ray attach cluster.yaml -p 5000``, both via 127.0.0.1 (the container shares the host's network)."""
+    home = home or Path.home() / "mlflow"
+    home.mkdir(parents=True, exist_ok=True)
+    url, pidfile, log_path = f"http://{host}:{port}", home / "server.pid", home / "server.log"
+    if _running(pidfile):
+        return url
+    backend, artifacts = mlflow_backend_uri(), f"{bucket_uri()}/mlflow"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+                                 "--artifacts-destination", artifacts, "--host", host, "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    pidfile.write_text(str(proc.pid))
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            lines = log_path.read_text(errors="replace").strip().splitlines()
+            raise SinkdError(f"the MLflow server exited with code {proc.returncode}: "
+                             f"{(lines[-1] if lines else '')[:200]} (full log: {log_path})")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return url
+        except OSError:
+            pass
+        time.sleep(2)
+    raise SinkdError(f"the MLflow server did not answer {url}/health within {wait_s:.0f} s (log: {log_path})")
