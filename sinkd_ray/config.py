@@ -393,6 +393,7 @@ class StudyConfig(ValidatedConfig):
     name: str | None = field(default=None, metadata={"help": "study name (default: <task>-<time>; with --resume: the latest study of the task)"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted study instead of starting one"})
     register: bool = field(default=True, metadata={"help": "register the best student in the MLflow Model Registry"})
+    ce_baseline: bool = field(default=False, metadata={"help": "after the study, train one CE-only student with the best trial's settings (α = β = γ = 0) and report how much of the teacher–student gap the best student closes"})
 
     def __post_init__(self) -> None:
         for name, low in (("max_concurrent_trials", 1), ("grace_period", 1), ("reduction_factor", 2),
@@ -403,5 +404,6 @@ class StudyConfig(ValidatedConfig):
         _check_number("teacher_lr", self.teacher_lr, 0.0, low_open=True)
         _check_bool("resume", self.resume)
         _check_bool("register", self.register)
+        _check_bool("ce_baseline", self.ce_baseline)
 
 

@@ -140,6 +140,37 @@ def logits_request(spec: RunSpec, split: str) -> LogitsRequest:
                          quantization=tcfg.teacher_quantization, bf16=bf16, family=tcfg.family, dtype=dtype)
 
 
+def teacher_dev_score(spec: RunSpec, layout: StorageLayout) -> float:
+    """The teacher's dev metric from its (cached) dev logits: class logits, or the label words' columns of
+    vocabulary logits (what the model would answer)."""
+    from transformers import AutoTokenizer
+
+    from sinkd_ray.models import detect_family, label_token_ids, resolve_logit_space
+    from sinkd_ray.tasks import compute_metrics
+    from sinkd_ray.teacher_cache import load_teacher_logits
+
+    from sinkd_ray.storage import localize
+
+    tcfg, task = spec.train, get_task(spec.train.task)
+    tcfg = replace(tcfg, teacher=localize(tcfg.teacher), data_dir=localize(tcfg.data_dir))
+    spec = RunSpec(tcfg, spec.distill)
+    path, _ = cached_teacher_logits(logits_request(spec, "dev"), layout.teacher_cache_dir,
+                                    compute=_logits_on_a_worker(tcfg))
+    logits = load_teacher_logits(path)
+    family = detect_family(load_config(tcfg.teacher), tcfg.family)
+    if resolve_logit_space(tcfg.logit_space, family) == "vocab":
+        tokenizer = AutoTokenizer.from_pretrained(str(_resolve_model(tcfg.teacher)))
+        logits = logits[:, label_token_ids(tokenizer, task.verbalizer, family, task.template)]
+    labels = load_split(task, "dev", tcfg.data_dir)["label"]
+    return compute_metrics(task, logits.argmax(-1)[: len(labels)], labels)[task.metric]
+
+
+def _resolve_model(path_or_name: str) -> str:
+    from sinkd_ray.models import resolve_source
+
+    return resolve_source(path_or_name)
+
+
 def _gpu_task(tcfg: TrainConfig):
     import ray
 

@@ -366,6 +366,12 @@ def _quiet_transformers():
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def resolve_source(path_or_id: str | Path) -> str:
+    """What ``from_pretrained`` reads for a model argument: a local directory (``offline:`` names assembled), or
+    a hub id."""
+    return _resolve_source(path_or_id)
+
+
 def _resolve_source(path_or_id: str | Path) -> str:
     """A local directory with config.json, an ``offline:<name>`` model (`sinkd_ray.pretrained`), or a string
     shaped like a hub id; anything else → `SinkdError`."""

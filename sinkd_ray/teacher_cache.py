@@ -105,10 +105,12 @@ class LogitsRequest:
                                   quantization=self.quantization, bf16=self.bf16, prompt=family != "encoder")
 
     def compute(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        from sinkd_ray.storage import localize  # inputs shipped for other nodes are fetched where this runs
+
         task = get_task(self.task)
-        teacher = load_teacher(self.teacher, task, family=self.family, logit_space=self.logit_space,
+        teacher = load_teacher(localize(self.teacher), task, family=self.family, logit_space=self.logit_space,
                                quantization=self.quantization, dtype=getattr(torch, self.dtype), device=device)
-        tokenized = tokenize_split(load_split(task, self.split, self.data_dir), task, teacher.tokenizer,
+        tokenized = tokenize_split(load_split(task, self.split, localize(self.data_dir)), task, teacher.tokenizer,
                                    self.max_length, prompt=teacher.family != "encoder")
         return compute_logits(teacher, tokenized, batch_size=self.batch_size, bf16=self.bf16)
 

@@ -162,8 +162,41 @@ def _summarise(results, runs, prepared, cfg: StudyConfig, space, name: str, elap
     print(f"best student: {student_dir}")
     if version:
         print(f"registered model: sinkd-{spec.train.task}-student version {version} (alias 'best')")
+    baseline = _ce_baseline(prepared, params, name) if cfg.ce_baseline else None
+    if baseline is not None:
+        runs.log_params({"ce_baseline": True})
+        runs.client.log_metric(runs.parent_id, "ce_baseline_dev_metric", baseline)
+    _outcome_table(prepared, float(best[study.METRIC]), baseline)
     print(runs.browse_hint())
     return 0
+
+
+def _ce_baseline(prepared, params: dict, name: str) -> float:
+    """One CE-only student (α = β = γ = 0) with the best trial's other settings: what the student reaches without
+    the teacher, at the same budget."""
+    from sinkd_ray.driver import PreparedRun, PrintProgress, best_checkpoint_dir, fit_run
+    from sinkd_ray.checkpoints import METRICS_FILE, load_json
+
+    spec = prepared.spec.with_values({**params, "alpha": 0.0, "beta": 0.0, "gamma": 0.0, "online_teacher": False})
+    print("\nCE-only baseline: the best trial's settings without the teacher (α = β = γ = 0)")
+    result = fit_run(PreparedRun(spec, prepared.layout, None), f"{name}-ce-baseline", callbacks=[PrintProgress()])
+    return float(load_json(best_checkpoint_dir(result) / METRICS_FILE)["dev_metric"])
+
+
+def _outcome_table(prepared, best: float, baseline: float | None) -> None:
+    """Teacher, best student, CE-only student and the share of the gap closed, in a few lines."""
+    from sinkd_ray.driver import teacher_dev_score
+
+    metric = get_task(prepared.spec.train.task).metric
+    teacher = teacher_dev_score(prepared.spec, prepared.layout)
+    rows = [("teacher", teacher), ("best student", best)] + ([("CE-only student", baseline)] if baseline is not None
+                                                             else [])
+    print(f"\n{'':18}dev {metric}")
+    for label, value in rows:
+        print(f"{label:18}{value:.4f}")
+    if baseline is not None and teacher > baseline:
+        print(f"{'gap closed':18}{100 * (best - baseline) / (teacher - baseline):.0f} %  "
+              "((best − CE-only) / (teacher − CE-only))")
 
 
 def _plain(value):
