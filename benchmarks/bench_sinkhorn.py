@@ -290,25 +290,33 @@ class Clock:
 
 
 def vocab_step(teacher_logits, student_logits, cost, device):
-    """One forward + backward from logits: ((wall s, cpu s), loss, ∇ student logits, ∇ student probabilities)."""
+    """One forward + backward from logits, timed whole and for the loss alone (probabilities in, ∂L/∂s out:
+    from the loss call to the moment the backward reaches the student probabilities, a tensor hook; the rest
+    is the two softmaxes and their backward, the same in both paths).
+    Returns ({"loss": (wall, cpu), "total": (wall, cpu)}, loss, ∇ student logits, ∇ student probabilities)."""
     student_logits.grad = None
+    marks = {}
     clock = Clock(device)
     student = torch.softmax(student_logits / TAU_SD, -1)
+    teacher = torch.softmax(teacher_logits / TAU_SD, -1)
     student.retain_grad()  # for the ∇s column; one (b × d) buffer more, in both paths alike
-    loss = sinkhorn_loss(torch.softmax(teacher_logits / TAU_SD, -1), student, cost=cost)
+    student.register_hook(lambda grad: marks.setdefault("reached", clock.read()) and None)
+    marks["called"] = clock.read()
+    loss = sinkhorn_loss(teacher, student, cost=cost)
     loss.backward()
-    seconds = clock.read()
-    return seconds, loss.item(), student_logits.grad.clone(), student.grad.clone()
+    total = clock.read()
+    loss_only = tuple(reached - called for reached, called in zip(marks["reached"], marks["called"]))
+    return {"loss": loss_only, "total": total}, loss.item(), student_logits.grad.clone(), student.grad.clone()
 
 
 def vocab_measure(teacher_logits, student_logits, cost, device, repeats):
-    """Memory and value of the first run; time = that run if it took > 20 s, else the median of ``repeats``."""
-    (seconds, value, grad_z, grad_s), peak = peak_memory(
+    """Memory and value of the first run; times = that run's if it took > 20 s, else the medians of ``repeats``."""
+    (times, value, grad_z, grad_s), peak = peak_memory(
         lambda: vocab_step(teacher_logits, student_logits, cost, device), device)
-    if seconds[0] < 20:
+    if times["total"][0] < 20:
         runs = [vocab_step(teacher_logits, student_logits, cost, device)[0] for _ in range(repeats)]
-        seconds = tuple(statistics.median(run[i] for run in runs) for i in range(2))
-    return seconds, peak, value, grad_z, grad_s
+        times = {part: tuple(statistics.median(run[part][i] for run in runs) for i in range(2)) for part in times}
+    return times, peak, value, grad_z, grad_s
 
 
 def _cosine(a, b):
@@ -321,14 +329,16 @@ def vocab_table(sizes, kinds, repeats, device):
     libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: buffers ≥ 1 MiB are mmapped, and unmapped when freed
     print(f"device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, T = {T_ITERS}, "
           f"λ = 0.1, τ_SD = 2, p = 1, float32, mass 'unit', max_tail_mass = {SUPPORT_MAX_TAIL_MASS}")
-    print("time: forward + backward from logits (process CPU s, all threads; wall s); mem: peak memory above the")
-    print("start of the step (CPU: resident set); speed-up = exact / auto; path: what cost='auto' chose (when it")
-    print("keeps the exact cost, auto = exact + the time to decide); K: kept columns of d;")
+    print("loss: sinkhorn_loss forward + backward to the student probabilities (process CPU s, all threads; wall s);")
+    print("with softmax: the same from logits, both softmaxes and their backward included (CPU); speed-up = exact /")
+    print("auto; mem: peak memory above the start of the step from logits (CPU: resident set); path: what")
+    print("cost='auto' chose (when it keeps the exact cost, auto = exact + the time to decide); K: kept columns;")
     print("bound: max_ij W_ij / L̃ (each cost entry C_ij lies in [C̃_ij, C̃_ij + W_ij], W_ij = 2·min(S_i, T_j); moving")
     print("every entry by max W moves the loss by exactly max W); plan-wtd: ⟨P̃, W⟩ / ⟨P̃, C̃⟩ (first-order bound)")
-    header = (f"{'b':>5} {'d':>6} {'kind':>6} | {'exact cpu':>9} {'auto cpu':>8} {'speed-up':>8} | {'exact wall':>10} "
-              f"{'auto wall':>9} {'speed-up':>8} | {'exact MiB':>9} {'auto MiB':>8} | {'path':>7} {'K':>6} | "
-              f"{'loss rel.err':>12} {'cos ∇z':>8} {'cos ∇s':>8} | {'bound':>7} {'plan-wtd':>8}")
+    header = (f"{'b':>5} {'d':>6} {'kind':>6} | {'loss cpu: exact':>15} {'auto':>6} {'speed-up':>8} | "
+              f"{'wall: exact':>11} {'auto':>6} {'speed-up':>8} | {'with softmax':>12} | {'MiB: exact':>10} "
+              f"{'auto':>6} | {'path':>7} {'K':>6} | {'loss rel.err':>12} {'cos ∇z':>8} {'cos ∇s':>8} | "
+              f"{'bound':>7} {'plan-wtd':>8}")
     print(header)
     print("-" * len(header))
     real = real_vocab_logits() if "real" in kinds else None
@@ -350,7 +360,7 @@ def vocab_table(sizes, kinds, repeats, device):
             if support is None:  # auto kept the exact cost: the same computation, plus the time to decide
                 found = vocabulary_support(t_probs, s_probs)
                 k = found.numel() if found is not None else d_row
-                t_auto = (t_exact[0] + decide[0], t_exact[1] + decide[1])
+                t_auto = {part: tuple(x + y for x, y in zip(times, decide)) for part, times in t_exact.items()}
                 m_auto, v_auto, gz_auto, gs_auto = m_exact, v_exact, gz_exact, gs_exact
                 path, bound, weighted = "exact", 0.0, 0.0
             else:
@@ -362,9 +372,11 @@ def vocab_table(sizes, kinds, repeats, device):
                 loss = (plan * cost).sum()
                 bound, weighted = (slack.max() / loss).item(), ((plan * slack).sum() / loss).item()
             del t_probs, s_probs
-            print(f"{b:>5} {d_row:>6} {kind:>6} | {t_exact[1]:>9.3f} {t_auto[1]:>8.3f} {t_exact[1] / t_auto[1]:>7.1f}x | "
-                  f"{t_exact[0]:>10.3f} {t_auto[0]:>9.3f} {t_exact[0] / t_auto[0]:>7.1f}x | "
-                  f"{m_exact / 2**20:>9.1f} {m_auto / 2**20:>8.1f} | {path:>7} {k:>6} | "
+            (exact_wall, exact_cpu), (auto_wall, auto_cpu) = t_exact["loss"], t_auto["loss"]
+            print(f"{b:>5} {d_row:>6} {kind:>6} | {exact_cpu:>15.3f} {auto_cpu:>6.3f} {exact_cpu / auto_cpu:>7.1f}x | "
+                  f"{exact_wall:>11.3f} {auto_wall:>6.3f} {exact_wall / auto_wall:>7.1f}x | "
+                  f"{t_exact['total'][1] / t_auto['total'][1]:>11.1f}x | "
+                  f"{m_exact / 2**20:>10.1f} {m_auto / 2**20:>6.1f} | {path:>7} {k:>6} | "
                   f"{abs(v_auto - v_exact) / abs(v_exact):>12.1e} {_cosine(gz_auto, gz_exact):>8.5f} "
                   f"{_cosine(gs_auto, gs_exact):>8.5f} | {bound:>7.1e} {weighted:>8.1e}", flush=True)
 
@@ -385,7 +397,7 @@ def vocab_crossover(device, repeats):
     for b in (8, 16, 32, 48, 64, 96, 128):
         teacher, student = (x.to(device) for x in vocab_case("real", b, 49152, real))
         student.requires_grad_()
-        times = {cost: median_times(lambda: vocab_step(teacher, student, cost, device)[0])
+        times = {cost: median_times(lambda: vocab_step(teacher, student, cost, device)[0]["total"])
                  for cost in ("exact", "support")}
         with torch.no_grad():
             k = vocabulary_support(torch.softmax(teacher / TAU_SD, -1), torch.softmax(student / TAU_SD, -1)).numel()
@@ -406,7 +418,7 @@ def vocab_crossover(device, repeats):
         sinkhorn_cost(cost).backward()
         return clock.read()
 
-    exact_wall, exact_cpu = median_times(lambda: vocab_step(teacher, student, "exact", device)[0])
+    exact_wall, exact_cpu = median_times(lambda: vocab_step(teacher, student, "exact", device)[0]["total"])
     for fraction in (0.05, 0.1, 0.25, 0.5):
         support = torch.linspace(0, d - 1, int(fraction * d), device=device).long()
         wall, cpu = median_times(lambda: fixed_support_step(support))

@@ -446,6 +446,31 @@ def vocabulary_support(teacher_probs: torch.Tensor, student_probs: torch.Tensor,
         return torch.cat([kept, other.argmax(-1)]).unique()  # sorted
 
 
+class _KeptColumnsAndTail(torch.autograd.Function):
+    """[p_U, P] (b × (K + 1)): the kept columns and the tail mass P_i = Σ_c p_ic − Σ_{c∈U} p_ic (floored at 0).
+
+    Why hand-written: autograd's index_select + sum backward writes the (b × d) gradient three times (zeros,
+    scatter, the broadcast tail added); here once: ∂P_i/∂p_ic = 1 off U and 0 on U (the row sum's 1 cancels),
+    so the gradient is the tail's broadcast with the kept columns' gradients copied over it.
+    """
+
+    @staticmethod
+    def forward(ctx, probs, support):
+        kept = probs.index_select(1, support)
+        tail = probs.sum(-1) - kept.sum(-1)
+        ctx.save_for_backward(support, tail > 0)
+        ctx.width = probs.shape[1]
+        return torch.cat([kept, tail.clamp_min(0).unsqueeze(-1)], -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        support, positive = ctx.saved_tensors
+        grad_tail = grad_out[:, -1] * positive  # 0 where rounding made the tail negative (clamped)
+        grad = grad_tail.unsqueeze(-1).expand(-1, ctx.width).contiguous()
+        return grad.index_copy_(1, support, grad_out[:, :-1]), None
+
+
 def support_l1_cost(student_probs: torch.Tensor, teacher_probs: torch.Tensor,
                     support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """L1 cost between the distributions coarsened to a kept support U plus one tail bucket, and its error bound.
@@ -467,12 +492,12 @@ def support_l1_cost(student_probs: torch.Tensor, teacher_probs: torch.Tensor,
     Shapes: (b × d) each, support (K,) long -> C̃ (b × b) differentiable, W (b × b) without grad.
     Tail masses are taken as row sum minus kept sum (no (b × d) temporary), floored at 0 against rounding.
     """
-    kept_s, kept_t = student_probs.index_select(1, support), teacher_probs.index_select(1, support)
-    tail_s = (student_probs.sum(-1) - kept_s.sum(-1)).clamp_min(0)
-    tail_t = (teacher_probs.sum(-1) - kept_t.sum(-1)).clamp_min(0)
-    cost = pairwise_distance(torch.cat([kept_s, tail_s.unsqueeze(-1)], -1),
-                             torch.cat([kept_t, tail_t.unsqueeze(-1)], -1), 1.0)
-    slack = 2 * torch.minimum(tail_s.detach().unsqueeze(-1), tail_t.detach().unsqueeze(-2))
+    if support.dim() != 1 or support.numel() == 0:
+        raise SinkdError(f"the kept support must be a non-empty 1-d index tensor, got shape {tuple(support.shape)}")
+    coarse_s = _KeptColumnsAndTail.apply(student_probs, support)  # (b, K + 1)
+    coarse_t = _KeptColumnsAndTail.apply(teacher_probs, support)
+    cost = pairwise_distance(coarse_s, coarse_t, 1.0)
+    slack = 2 * torch.minimum(coarse_s.detach()[:, -1:], coarse_t.detach()[:, -1].unsqueeze(0))
     return cost, slack
 
 
