@@ -310,11 +310,13 @@ def vocab_step(teacher_logits, student_logits, cost, device):
 
 
 def vocab_measure(teacher_logits, student_logits, cost, device, repeats):
-    """Memory and value of the first run; times = that run's if it took > 20 s, else the medians of ``repeats``."""
+    """Memory and value of the first run; times = that run's if it took > 20 s, else the medians of ``repeats``
+    runs (at least 9 when a run takes < 5 s: a step of many small ops varies 2× on a shared CPU)."""
     (times, value, grad_z, grad_s), peak = peak_memory(
         lambda: vocab_step(teacher_logits, student_logits, cost, device), device)
     if times["total"][0] < 20:
-        runs = [vocab_step(teacher_logits, student_logits, cost, device)[0] for _ in range(repeats)]
+        runs = [vocab_step(teacher_logits, student_logits, cost, device)[0]
+                for _ in range(repeats if times["total"][0] > 5 else max(repeats, 9))]
         times = {part: tuple(statistics.median(run[part][i] for run in runs) for i in range(2)) for part in times}
     return times, peak, value, grad_z, grad_s
 

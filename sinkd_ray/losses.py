@@ -76,7 +76,7 @@ SUPPORT_MAX_TAIL_MASS = 0.01
 # ``cost="auto"`` keeps the exact cost while b·b·d is below this, and uses the support cost above it only when
 # the kept columns are at most SUPPORT_MAX_FRACTION of d (else exact: flat distributions on both sides need
 # nearly every column, and then the support cost is no faster). Decided by measurement, see `choose_batch_cost`.
-SUPPORT_MIN_COST_ELEMENTS = 2**28
+SUPPORT_MIN_COST_ELEMENTS = 2**26
 SUPPORT_MAX_FRACTION = 0.25
 
 
@@ -513,13 +513,16 @@ def choose_batch_cost(teacher_probs: torch.Tensor, student_probs: torch.Tensor, 
 
     ``cost="exact"``: C_ij = ‖s_i − t_j‖_p over all d columns, O(b²·d).
     ``cost="support"``: `support_l1_cost` on `vocabulary_support` (p = 1 only), however many columns it keeps.
-    ``cost="auto"`` (default): exact while b·b·d < ``SUPPORT_MIN_COST_ELEMENTS`` = 2²⁸ or p ≠ 1; above, the
+    ``cost="auto"`` (default): exact while b·b·d < ``SUPPORT_MIN_COST_ELEMENTS`` = 2²⁶ or p ≠ 1; above, the
     support cost if it keeps at most ``SUPPORT_MAX_FRACTION`` = d/4 columns, else exact (both sides flat).
-    Measured (``python benchmarks/bench_sinkhorn.py --vocab-crossover``, 2-core CPU, forward + backward from
-    logits, process CPU time): on SmolLM2 distributions (d = 49,152, ~1,250 columns kept) the support cost
-    takes 0.13–0.23 s at b = 8–64 while the exact one grows from 0.06 s, so it is slower up to b·b·d ≈ 1.1e8
-    (b = 48: 0.94×), 1.5× faster at 2.0e8 (b = 64) and 2.8× at 4.5e8 (b = 96); hence 2²⁸ ≈ 2.7e8 (b ≈ 74 at
-    d = 49,152). At b = 256 with a fixed share of the columns kept it is 3.4× faster at d/4 and 2.0× at d/2.
+    Measured (``python benchmarks/bench_sinkhorn.py --vocab-crossover --repeats 5``, 2-core CPU shared with
+    other jobs, forward + backward from logits, process CPU time): on SmolLM2 distributions (d = 49,152, ~1,250
+    columns kept) exact / support = 0.59× at b·b·d = 3.1e6 (b = 8), 1.06× at 1.3e7 (b = 16), 1.5× at 5.0e7
+    (b = 32), 2.8× at 1.1e8 (b = 48), 3.4× at 2.0e8 (b = 64); 2²⁶ ≈ 6.7e7 (b ≈ 37 at d = 49,152, b ≈ 46 at
+    d = 32,000) keeps the exact cost wherever the support cost would gain less than about 2×. With a fixed share
+    of the columns kept (b = 256) it is 3.7× faster at d/4 and 2.0× at d/2: above d/4 the gain does not pay for
+    the approximation. (An earlier run while the machine's load average was ~35 put the break-even near
+    1.1e8: the support path's many small operations suffer more from a crowded CPU.)
     """
     if cost not in SINKHORN_COSTS:
         raise SinkdError(f"sinkhorn cost={cost!r} is not one of {list(SINKHORN_COSTS)}")
