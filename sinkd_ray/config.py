@@ -169,8 +169,8 @@ class DistillConfig(ValidatedConfig):
         "choices": SINKHORN_COSTS,
         "help": f"batch-wise cost matrix, one of {list(SINKHORN_COSTS)}: 'exact' = L1 over all d columns "
                 "(O(b²·d)); 'support' = L1 over the columns that hold all but sinkhorn_max_tail_mass of one side's "
-                "rows plus one tail bucket (p = 1; each entry within 2 × that mass; measured 10–24× faster on "
-                "SmolLM2's vocabulary at b 256–1024); 'auto' = exact while b·b·d < 2^26 or when the support "
+                "rows plus one tail bucket (p = 1; each entry within 2 × that mass; the loss measured 12–23× "
+                "faster on SmolLM2's vocabulary at b 256–1024); 'auto' = exact while b·b·d < 2^26 or when the support "
                 "would exceed d/4 columns, else 'support'."})
     sinkhorn_max_tail_mass: float = field(default=SUPPORT_MAX_TAIL_MASS, metadata={
         "help": "ε in (0, 1): with the support cost, every row of one side leaves at most ε of its probability "
