@@ -23,11 +23,13 @@ from sinkd_ray.models import FAMILIES, LOGIT_SPACE_SETTINGS, QUANTIZATIONS
 from sinkd_ray.losses import (
     DISTRIBUTION_TERMS,
     RANKING_KINDS,
+    SINKHORN_COSTS,
     SINKHORN_GRADS,
     SINKHORN_MASSES,
     SINKHORN_MAX_COST_ELEMENTS,
     SINKHORN_PRESETS,
     SINKHORN_VARIANTS,
+    SUPPORT_MAX_TAIL_MASS,
 )
 
 INF = math.inf
@@ -163,6 +165,16 @@ class DistillConfig(ValidatedConfig):
     sinkhorn_max_cost_elements: int = field(default=SINKHORN_MAX_COST_ELEMENTS, metadata={
         "help": "Largest Sinkhorn cost matrix (elements) allowed before a clear error instead of running out "
                 "of memory (the sample-wise / flattened variants are O(b·d²) / O((bd)²))."})
+    sinkhorn_cost: str = field(default="auto", metadata={
+        "choices": SINKHORN_COSTS,
+        "help": f"batch-wise cost matrix, one of {list(SINKHORN_COSTS)}: 'exact' = L1 over all d columns "
+                "(O(b²·d)); 'support' = L1 over the columns that hold all but sinkhorn_max_tail_mass of one side's "
+                "rows plus one tail bucket (p = 1; each entry within 2 × that mass; the loss measured 12–23× "
+                "faster on SmolLM2's vocabulary at b 256–1024); 'auto' = exact while b·b·d < 2^26 or when the support "
+                "would exceed d/4 columns, else 'support'."})
+    sinkhorn_max_tail_mass: float = field(default=SUPPORT_MAX_TAIL_MASS, metadata={
+        "help": "ε in (0, 1): with the support cost, every row of one side leaves at most ε of its probability "
+                "outside the kept columns; each cost entry is then within 2ε of the exact one."})
     gamma: float = field(default=0.0, metadata={
         "help": "γ ≥ 0: weight of the ranking term (RLKD-style pairwise ranking of the teacher's top-k on the "
                 "student's logits); 0 = off, the paper's objective."})
@@ -211,6 +223,8 @@ class DistillConfig(ValidatedConfig):
         _check_choice("sinkhorn_grad", self.sinkhorn_grad, SINKHORN_GRADS)
         _check_bool("kl_tau_squared", self.kl_tau_squared)
         _check_number("sinkhorn_max_cost_elements", self.sinkhorn_max_cost_elements, 1, integer=True)
+        _check_choice("sinkhorn_cost", self.sinkhorn_cost, SINKHORN_COSTS)
+        _check_number("sinkhorn_max_tail_mass", self.sinkhorn_max_tail_mass, 0.0, 1.0, low_open=True, high_open=True)
         _check_number("gamma", self.gamma, 0.0)
         _check_number("ranking_k", self.ranking_k, 2, integer=True)
         _check_number("ranking_margin", self.ranking_margin, 0.0)

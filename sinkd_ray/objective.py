@@ -72,7 +72,8 @@ def distribution_divergence(student_logits: torch.Tensor, teacher_logits: torch.
         value = sinkhorn_loss(teacher, student, lam=cfg.sinkhorn_lambda, n_iters=cfg.sinkhorn_iters,
                               p=cfg.sinkhorn_p, variant=cfg.sinkhorn_variant,
                               mass="unit" if per_sample else cfg.sinkhorn_mass, grad=cfg.sinkhorn_grad,
-                              max_cost_elements=cfg.sinkhorn_max_cost_elements)
+                              max_cost_elements=cfg.sinkhorn_max_cost_elements, cost=cfg.sinkhorn_cost,
+                              max_tail_mass=cfg.sinkhorn_max_tail_mass)
     if per_sample and cfg.sinkhorn_mass == "batch":
         value = value * cfg.batch_size
     return value * cfg.sinkhorn_scale

@@ -97,6 +97,11 @@ def _dequantise_gguf(parts: list[Path], out: Path) -> None:
     gguf_file = parts[0]
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    # The weights are float32 now, but transformers ≥ 5 keeps the GGUF quantizer marker and then refuses
+    # save_pretrained ("quantized with gguf and is not serializable"): drop it to write a plain float checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
