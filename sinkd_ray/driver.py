@@ -85,9 +85,11 @@ def _check_teacher_head(config, tcfg: TrainConfig, task: Task) -> None:
 
 # ------------------------------------------------------------------------------------------ the run's parts
 def prepare_run(spec: RunSpec, layout: StorageLayout, runtime: RuntimeConfig, *, teacher_base: str | None = None,
-                teacher_train: TrainConfig | None = None, max_batch_size: int | None = None) -> PreparedRun:
+                teacher_train: TrainConfig | None = None, max_batch_size: int | None = None,
+                trial_cpu: float = 0.0) -> PreparedRun:
     """preflight → Ray runtime and resources → teacher (fine-tuned once from ``teacher_base`` when the spec has
-    none; ``teacher_train``: its training settings) → its cached logits, shipped where workers read them."""
+    none; ``teacher_train``: its training settings) → its cached logits, shipped where workers read them.
+    ``trial_cpu``: what a study's trial reserves beside its workers (Tune's trial actor)."""
     from sinkd_ray.runtime import check_resources, connect, worker_bundle
 
     finetune = spec.train.teacher is None and teacher_base is not None
@@ -98,7 +100,7 @@ def prepare_run(spec: RunSpec, layout: StorageLayout, runtime: RuntimeConfig, *,
     tcfg = spec.train
     wait = runtime.resources_wait if runtime.resources_wait is not None else (0.0 if started else 600.0)
     check_resources(worker_bundle(tcfg.cpus_per_worker, tcfg.gpus_per_worker, parse_resources(tcfg.worker_resources)),
-                    tcfg.workers, wait_s=wait)
+                    tcfg.workers, wait_s=wait, extra_cpu=trial_cpu)
     if finetune:
         teacher = finetune_teacher(teacher_base, teacher_train or replace(tcfg, workers=1), layout, runtime)
         spec = RunSpec(replace(tcfg, teacher=str(teacher)), spec.distill)
@@ -254,7 +256,8 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str, name: str, callba
     return TorchTrainer(
         ray_worker,
         train_loop_config={"spec": prepared.spec.to_dict(), "teacher_logits": prepared.teacher_logits,
-                           "threads": max(1, int(tcfg.cpus_per_worker))},
+                           # 1.99 CPUs (room for a study's 0.01-CPU trial on a 2-core machine) still runs 2 threads
+                        "threads": max(1, round(tcfg.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=tcfg.workers, use_gpu=tcfg.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(

@@ -66,38 +66,42 @@ def worker_bundle(cpus: float, gpus: float, resources: dict[str, float]) -> dict
     return bundle
 
 
-def fits_now(bundle: dict[str, float], count: int) -> bool:
-    """Whether ``count`` bundles fit into the nodes the cluster has (their total resources, busy or not)."""
+def fits_now(bundle: dict[str, float], count: int, extra_cpu: float = 0.0) -> bool:
+    """Whether ``count`` bundles (and ``extra_cpu`` beside them, anywhere) fit into the nodes the cluster has
+    (their total resources, busy or not)."""
     import ray
 
-    capacity = 0
+    capacity, spare_cpu = 0, 0.0
     for node in ray.nodes():
         if not node.get("Alive"):
             continue
         total = node.get("Resources", {})
-        per_node = min((int(total.get(k, 0.0) // v + 1e-9) if v > 0 else count for k, v in bundle.items()),
+        per_node = min((int(total.get(k, 0.0) / v + 1e-9) if v > 0 else count for k, v in bundle.items()),
                        default=count)
         capacity += per_node
-    return capacity >= count
+        spare_cpu = max(spare_cpu, total.get("CPU", 0.0) - min(per_node, count) * bundle.get("CPU", 0.0))
+    return capacity >= count and spare_cpu + 1e-9 >= extra_cpu
 
 
-def check_resources(bundle: dict[str, float], count: int, *, wait_s: float) -> None:
+def check_resources(bundle: dict[str, float], count: int, *, wait_s: float, extra_cpu: float = 0.0) -> None:
     """Refuse, in one line, a run whose ``count`` workers × ``bundle`` the cluster cannot place; where nodes
     may still come (an autoscaling cluster: ``wait_s`` > 0), wait for them up to ``wait_s`` seconds, said first.
     Without this, Ray Train retries starting the worker group every 60 s forever."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    if fits_now(bundle, count):
+    if fits_now(bundle, count, extra_cpu):
         return
     have = {k: v for k, v in ray.cluster_resources().items() if k in bundle or k in ("CPU", "GPU")}
-    need = f"{count} worker(s) × {bundle}"
+    need = f"{count} worker(s) × {bundle}" + (f" + {extra_cpu} CPU for the trial itself" if extra_cpu else "")
     if wait_s <= 0:
         raise SinkdError(f"this Ray cluster cannot place {need} (it has {have}) — lower --workers / "
-                         "--cpus-per-worker / --gpus-per-worker, or run on a cluster with those resources")
+                         "--cpus-per-worker / --gpus-per-worker (e.g. 1.99 CPUs on 2 cores: still 2 threads), or "
+                         "run on a cluster with those resources")
     print(f"waiting up to {wait_s:.0f} s for the cluster to provide {need} (it has {have} now; "
           f"--resources-wait to change)", flush=True)
-    group = placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
+    bundles = [dict(bundle) for _ in range(count)] + ([{"CPU": extra_cpu}] if extra_cpu else [])
+    group = placement_group(bundles, strategy="PACK")
     try:
         ready = group.wait(timeout_seconds=wait_s)
     finally:

@@ -20,6 +20,8 @@ from sinkd_ray.search_space import SearchSpace
 from sinkd_ray.storage import StorageLayout
 
 METRIC, MODE = "dev_metric", "max"
+# What each trial's own actor reserves (the Train V2 pattern: a Tune function that fits a trainer; 0 is refused).
+TRIAL_CPU = 0.01
 
 
 # ------------------------------------------------------------------------------------------- the space
@@ -102,7 +104,7 @@ def fit_study(cfg: StudyConfig, space: SearchSpace, prepared: PreparedRun, study
     layout = prepared.layout
     setup = {"spec": prepared.spec.to_dict(), "teacher_logits": prepared.teacher_logits, "root": layout.root,
              "study": study}
-    trainable = tune.with_resources(tune.with_parameters(trial_run, setup=setup), {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(trial_run, setup=setup), {"cpu": TRIAL_CPU})
     if cfg.resume:
         print(f"resuming study {study}")
         tuner = tune.Tuner.restore(layout.study_dir(study), trainable=trainable, resume_unfinished=True,

@@ -80,7 +80,7 @@ def _main(argv: list[str]) -> int:
 
     teacher_train = replace(spec.train, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, workers=1)
     prepared = prepare_run(spec, layout, runtime, teacher_base=cfg.teacher_base, teacher_train=teacher_train,
-                           max_batch_size=int(study.largest(space, spec, "batch_size")))
+                           max_batch_size=int(study.largest(space, spec, "batch_size")), trial_cpu=study.TRIAL_CPU)
     runs = tracking.StudyRuns.open(tracking_uri, cfg.experiment_name or f"sinkd-{task.name}", name,
                                    layout.artifact_location(), _tags(prepared.spec, space))
     if not cfg.resume:
