@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="seeds per row: 0 .. N-1 (data order and initialisation)")
     p.add_argument("--tables", default="2,3,4", help=f"comma-separated, from {list(TABLES)}")
+    p.add_argument("--rows", help=f"train only these rows of the tables (comma-separated, from {list(ROWS)}); the "
+                                  "others are reported if an earlier invocation trained them")
     p.add_argument("--unit-beta", type=float, default=0.05, help="β of the unit-mass SinKD row (from a study)")
     p.add_argument("--unit-lambda", type=float, default=0.1, help="λ of the unit-mass SinKD row (from a study)")
     p.add_argument("--ranking-gamma", type=float, default=0.5, help="γ of the ranking row")
@@ -124,6 +126,16 @@ def parse_tables(text: str) -> list[str]:
     if unknown or not tables:
         raise SinkdError(f"--tables {text!r}: unknown table(s) {unknown} — choose from {list(TABLES)}")
     return tables
+
+
+def parse_rows(text: str | None, rows: list[str]) -> list[str]:
+    if not text:
+        return rows
+    chosen = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = [r for r in chosen if r not in rows]
+    if unknown:
+        raise SinkdError(f"--rows {text!r}: {unknown} are not rows of the selected tables — choose from {rows}")
+    return chosen
 
 
 def base_spec(args, typed: set[str]) -> RunSpec:
@@ -304,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 done[record["key"]] = record
 
     rows = list(dict.fromkeys(row for t in tables for row in TABLES[t][1]))
+    trained_rows = parse_rows(args.rows, rows)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     jobs, specs = [], {}
     for seed in range(args.seeds):  # seed-major, so a partial run already covers every row for seed 0
@@ -311,11 +324,11 @@ def main(argv: list[str] | None = None) -> int:
             run = row_spec(spec, row, row_values(args), seed)
             key = run_key(run)
             specs[key] = run
-            if key not in done:
+            if key not in done and row in trained_rows:
                 jobs.append({"spec": run.to_dict(), "teacher_logits": prepared.teacher_logits, "threads": threads,
                              "record": {"row": row, "seed": seed, "key": key}})
     print(f"{len(rows)} rows x {args.seeds} seeds: {len(jobs)} to train, "
-          f"{len(rows) * args.seeds - len(jobs)} reused from {records_file}")
+          f"{sum(k in done for k in specs)} reused from {records_file}")
 
     def finished(record: dict) -> None:
         done[record["key"]] = record
@@ -336,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     records: dict[str, list[dict]] = {}
     for seed in range(args.seeds):
         for row in rows:
-            records.setdefault(row, []).append(done[run_key(row_spec(spec, row, row_values(args), seed))])
+            key = run_key(row_spec(spec, row, row_values(args), seed))
+            if key in done:  # a row left out with --rows and never trained is left out of the tables too
+                records.setdefault(row, []).append(done[key])
     tcfg, dcfg = spec.train, spec.distill
     header = (f"## SinKD ablations — {task.name}, {args.seeds} seeds\n\n"
               f"Teacher `{Path(tcfg.teacher).name}`; student `{tcfg.student}`"
