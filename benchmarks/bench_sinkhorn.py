@@ -212,7 +212,7 @@ def real_vocab_logits() -> dict[str, torch.Tensor]:
     n = REAL_ROWS
     path = cache_root() / f"vocab-logits-{REAL_MODEL}-cola-n{n}-student{REAL_STUDENT_LAYERS}.pt"
     if path.is_file():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
     from sinkd_ray.data import GlobalBatchSampler, load_split, make_loader, tokenize_split
     from sinkd_ray.models import load_student, load_teacher
     from sinkd_ray.tasks import get_task

