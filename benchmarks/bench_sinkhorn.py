@@ -105,8 +105,10 @@ def measure(method, teacher_logits, student_logits, device, repeats):
 
 
 def comparison_table(sizes, repeats, device):
-    header = (f"{'b':>5} {'d':>6} | {'ours s':>8} {'released s':>10} {'ratio':>6} | {'ours MiB':>9} "
-              f"{'released MiB':>12} {'ratio':>6} | {'value rel.diff':>14} {'grad rel.diff':>13} | target")
+    header = (
+        f"{'b':>5} {'d':>6} | {'ours s':>8} {'released s':>10} {'ratio':>6} | {'ours MiB':>9} "
+        f"{'released MiB':>12} {'ratio':>6} | {'value rel.diff':>14} {'grad rel.diff':>13} | target"
+    )
     print(header)
     print("-" * len(header))
     warm_teacher, warm_student = torch.randn(64, 3, device=device), torch.randn(64, 3, device=device).requires_grad_()
@@ -121,9 +123,11 @@ def comparison_table(sizes, repeats, device):
         # released: autograd keeps 2T + 2 (b × b) tensors plus K and P∘W; check it can fit before trying
         needed = (2 * T_ITERS + 6) * b * b * 4
         if needed > 0.7 * available_bytes(device):
-            print(f"{b:>5} {d:>6} | {t_ours:>8.4f} {'-':>10} {'-':>6} | {m_ours / 2**20:>9.2f} {'-':>12} {'-':>6} | "
-                  f"released does not fit: needs ~{needed / 2**30:.1f} GiB, "
-                  f"{available_bytes(device) / 2**30:.1f} GiB free")
+            print(
+                f"{b:>5} {d:>6} | {t_ours:>8.4f} {'-':>10} {'-':>6} | {m_ours / 2**20:>9.2f} {'-':>12} {'-':>6} | "
+                f"released does not fit: needs ~{needed / 2**30:.1f} GiB, "
+                f"{available_bytes(device) / 2**30:.1f} GiB free"
+            )
             continue
         try:
             t_rel, m_rel, v_rel, g_rel = measure(released, teacher, student, device, repeats)
@@ -136,8 +140,10 @@ def comparison_table(sizes, repeats, device):
         verdict = ""
         if b >= 1024:
             verdict = "PASS" if time_ratio <= 0.5 and mem_ratio <= 0.1 else "MISS"
-        print(f"{b:>5} {d:>6} | {t_ours:>8.4f} {t_rel:>10.4f} {time_ratio:>6.2f} | {m_ours / 2**20:>9.2f} "
-              f"{m_rel / 2**20:>12.2f} {mem_ratio:>6.3f} | {value_diff:>14.1e} {grad_diff:>13.1e} | {verdict}")
+        print(
+            f"{b:>5} {d:>6} | {t_ours:>8.4f} {t_rel:>10.4f} {time_ratio:>6.2f} | {m_ours / 2**20:>9.2f} "
+            f"{m_rel / 2**20:>12.2f} {mem_ratio:>6.3f} | {value_diff:>14.1e} {grad_diff:>13.1e} | {verdict}"
+        )
 
 
 def domains_table():
@@ -145,8 +151,10 @@ def domains_table():
     print("exp-domain iterations vs float64 log-domain reference, T = 20, b = 64, worst of 3 draws;")
     print("cost: uniform in [0, 0.1] with one student row shifted by +1 (no teacher near it: the hard case)")
     print(f"{'dtype':>8} {'spread':>7} | {'value rel.err':>13} {'grad rel.err':>12} | non-finite")
-    for dtype, spreads in ((torch.float32, (20, 40, 50, 60, 80, 90, 100, 120)),
-                           (torch.float64, (300, 350, 500, 700, 750, 800))):
+    for dtype, spreads in (
+        (torch.float32, (20, 40, 50, 60, 80, 90, 100, 120)),
+        (torch.float64, (300, 350, 500, 700, 750, 800)),
+    ):
         for spread in spreads:
             worst_value = worst_grad = 0.0
             bad = 0
@@ -190,8 +198,12 @@ def envelope_table():
                 g = torch.Generator().manual_seed(seed)
                 teacher = torch.softmax(torch.randn(b, d, generator=g) * 2 / TAU_SD, -1)
                 logits = (torch.randn(b, d, generator=g) * 2).requires_grad_()
-                grads = [torch.autograd.grad(sinkhorn_loss(teacher, torch.softmax(logits / TAU_SD, -1), grad=mode),
-                                             logits)[0] for mode in ("unrolled", "envelope")]
+                grads = [
+                    torch.autograd.grad(sinkhorn_loss(teacher, torch.softmax(logits / TAU_SD, -1), grad=mode), logits)[
+                        0
+                    ]
+                    for mode in ("unrolled", "envelope")
+                ]
                 diffs.append(((grads[0] - grads[1]).norm() / grads[0].norm()).item())
             print(f"{d:>4} {b:>5} | {min(diffs):.2f}  {statistics.median(diffs):.2f}  {max(diffs):.2f}")
 
@@ -223,8 +235,9 @@ def real_vocab_logits() -> dict[str, torch.Tensor]:
     teacher = load_teacher(model_path, task, logit_space="vocab")
     student = load_student(model_path, task, num_layers=REAL_STUDENT_LAYERS, logit_space="vocab").eval()
     tokenizer = teacher.tokenizer
-    tokenized = tokenize_split(load_split(task, "train", data_dir).select(range(n)), task, tokenizer,
-                               REAL_MAX_LENGTH, prompt=True)
+    tokenized = tokenize_split(
+        load_split(task, "train", data_dir).select(range(n)), task, tokenizer, REAL_MAX_LENGTH, prompt=True
+    )
     loader = make_loader(tokenized, tokenizer, GlobalBatchSampler(n, min(n, 64), shuffle=False))
     logits = {"teacher": [], "student": []}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -318,10 +331,13 @@ def vocab_measure(teacher_logits, student_logits, cost, device, repeats):
     """Memory and value of the first run; times = that run's if it took > 20 s, else the medians of ``repeats``
     runs (at least 9 when a run takes < 5 s: a step of many small ops varies 2× on a shared CPU)."""
     (times, value, grad_z, grad_s), peak = peak_memory(
-        lambda: vocab_step(teacher_logits, student_logits, cost, device), device)
+        lambda: vocab_step(teacher_logits, student_logits, cost, device), device
+    )
     if times["total"][0] < 20:
-        runs = [vocab_step(teacher_logits, student_logits, cost, device)[0]
-                for _ in range(repeats if times["total"][0] > 5 else max(repeats, 9))]
+        runs = [
+            vocab_step(teacher_logits, student_logits, cost, device)[0]
+            for _ in range(repeats if times["total"][0] > 5 else max(repeats, 9))
+        ]
         times = {part: tuple(statistics.median(run[part][i] for run in runs) for i in range(2)) for part in times}
     return times, peak, value, grad_z, grad_s
 
@@ -334,18 +350,22 @@ def vocab_table(sizes, kinds, repeats, device):
     """Exact vs `cost="auto"` per (b, d, kind); the bound is the support cost's own (`support_l1_cost`)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: buffers ≥ 1 MiB are mmapped, and unmapped when freed
-    print(f"device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, T = {T_ITERS}, "
-          f"λ = 0.1, τ_SD = 2, p = 1, float32, mass 'unit', max_tail_mass = {SUPPORT_MAX_TAIL_MASS}")
+    print(
+        f"device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, T = {T_ITERS}, "
+        f"λ = 0.1, τ_SD = 2, p = 1, float32, mass 'unit', max_tail_mass = {SUPPORT_MAX_TAIL_MASS}"
+    )
     print("loss: sinkhorn_loss forward + backward to the student probabilities (process CPU s, all threads; wall s);")
     print("with softmax: the same from logits, both softmaxes and their backward included (CPU); speed-up = exact /")
     print("auto; mem: peak memory above the start of the step from logits (CPU: resident set); path: what")
     print("cost='auto' chose (when it keeps the exact cost, auto = exact + the time to decide); K: kept columns;")
     print("bound: max_ij W_ij / L̃ (each cost entry C_ij lies in [C̃_ij, C̃_ij + W_ij], W_ij = 2·min(S_i, T_j); moving")
     print("every entry by max W moves the loss by exactly max W); plan-wtd: ⟨P̃, W⟩ / ⟨P̃, C̃⟩ (first-order bound)")
-    header = (f"{'b':>5} {'d':>6} {'kind':>6} | {'loss cpu: exact':>15} {'auto':>6} {'speed-up':>8} | "
-              f"{'wall: exact':>11} {'auto':>6} {'speed-up':>8} | {'with softmax':>12} | {'MiB: exact':>10} "
-              f"{'auto':>6} | {'path':>7} {'K':>6} | {'loss rel.err':>12} {'cos ∇z':>8} {'cos ∇s':>8} | "
-              f"{'bound':>7} {'plan-wtd':>8}")
+    header = (
+        f"{'b':>5} {'d':>6} {'kind':>6} | {'loss cpu: exact':>15} {'auto':>6} {'speed-up':>8} | "
+        f"{'wall: exact':>11} {'auto':>6} {'speed-up':>8} | {'with softmax':>12} | {'MiB: exact':>10} "
+        f"{'auto':>6} | {'path':>7} {'K':>6} | {'loss rel.err':>12} {'cos ∇z':>8} {'cos ∇s':>8} | "
+        f"{'bound':>7} {'plan-wtd':>8}"
+    )
     print(header)
     print("-" * len(header))
     real = real_vocab_logits() if "real" in kinds else None
@@ -380,18 +400,23 @@ def vocab_table(sizes, kinds, repeats, device):
                 bound, weighted = (slack.max() / loss).item(), ((plan * slack).sum() / loss).item()
             del t_probs, s_probs
             (exact_wall, exact_cpu), (auto_wall, auto_cpu) = t_exact["loss"], t_auto["loss"]
-            print(f"{b:>5} {d_row:>6} {kind:>6} | {exact_cpu:>15.3f} {auto_cpu:>6.3f} {exact_cpu / auto_cpu:>7.1f}x | "
-                  f"{exact_wall:>11.3f} {auto_wall:>6.3f} {exact_wall / auto_wall:>7.1f}x | "
-                  f"{t_exact['total'][1] / t_auto['total'][1]:>11.1f}x | "
-                  f"{m_exact / 2**20:>10.1f} {m_auto / 2**20:>6.1f} | {path:>7} {k:>6} | "
-                  f"{abs(v_auto - v_exact) / abs(v_exact):>12.1e} {_cosine(gz_auto, gz_exact):>8.5f} "
-                  f"{_cosine(gs_auto, gs_exact):>8.5f} | {bound:>7.1e} {weighted:>8.1e}", flush=True)
+            print(
+                f"{b:>5} {d_row:>6} {kind:>6} | {exact_cpu:>15.3f} {auto_cpu:>6.3f} {exact_cpu / auto_cpu:>7.1f}x | "
+                f"{exact_wall:>11.3f} {auto_wall:>6.3f} {exact_wall / auto_wall:>7.1f}x | "
+                f"{t_exact['total'][1] / t_auto['total'][1]:>11.1f}x | "
+                f"{m_exact / 2**20:>10.1f} {m_auto / 2**20:>6.1f} | {path:>7} {k:>6} | "
+                f"{abs(v_auto - v_exact) / abs(v_exact):>12.1e} {_cosine(gz_auto, gz_exact):>8.5f} "
+                f"{_cosine(gs_auto, gs_exact):>8.5f} | {bound:>7.1e} {weighted:>8.1e}",
+                flush=True,
+            )
 
 
 def vocab_crossover(device, repeats):
     """Where the support cost starts to pay: small b on real distributions, and the kept fraction K/d at b = 256."""
-    print(f"device: {device} ({torch.get_num_threads()} threads); forward + backward from logits, median of "
-          f"{repeats}; process CPU s (all threads) and wall s")
+    print(
+        f"device: {device} ({torch.get_num_threads()} threads); forward + backward from logits, median of "
+        f"{repeats}; process CPU s (all threads) and wall s"
+    )
     real = real_vocab_logits()
 
     def median_times(step):
@@ -399,22 +424,31 @@ def vocab_crossover(device, repeats):
         return tuple(statistics.median(run[i] for run in runs) for i in range(2))
 
     print(f"real SmolLM2 distributions, d = 49,152, max_tail_mass = {SUPPORT_MAX_TAIL_MASS}, cost='support' forced")
-    print(f"{'b':>5} {'b·b·d':>13} | {'exact cpu':>9} {'support cpu':>11} {'ratio':>6} | {'exact wall':>10} "
-          f"{'support wall':>12} {'ratio':>6} | {'K':>6}")
+    print(
+        f"{'b':>5} {'b·b·d':>13} | {'exact cpu':>9} {'support cpu':>11} {'ratio':>6} | {'exact wall':>10} "
+        f"{'support wall':>12} {'ratio':>6} | {'K':>6}"
+    )
     for b in (8, 16, 32, 48, 64, 96, 128):
         teacher, student = (x.to(device) for x in vocab_case("real", b, 49152, real))
         student.requires_grad_()
-        times = {cost: median_times(lambda: vocab_step(teacher, student, cost, device)[0]["total"])
-                 for cost in ("exact", "support")}
+        times = {
+            cost: median_times(lambda t=teacher, s=student, c=cost: vocab_step(t, s, c, device)[0]["total"])
+            for cost in ("exact", "support")
+        }
         with torch.no_grad():
             k = vocabulary_support(torch.softmax(teacher / TAU_SD, -1), torch.softmax(student / TAU_SD, -1)).numel()
         (exact_wall, exact_cpu), (support_wall, support_cpu) = times["exact"], times["support"]
-        print(f"{b:>5} {b * b * 49152:>13,} | {exact_cpu:>9.4f} {support_cpu:>11.4f} {exact_cpu / support_cpu:>6.2f} | "
-              f"{exact_wall:>10.4f} {support_wall:>12.4f} {exact_wall / support_wall:>6.2f} | {k:>6}", flush=True)
+        print(
+            f"{b:>5} {b * b * 49152:>13,} | {exact_cpu:>9.4f} {support_cpu:>11.4f} {exact_cpu / support_cpu:>6.2f} | "
+            f"{exact_wall:>10.4f} {support_wall:>12.4f} {exact_wall / support_wall:>6.2f} | {k:>6}",
+            flush=True,
+        )
     b, d = 256, 49152
     print(f"\nsupport cost at b = {b}, d = {d} with a given kept fraction K/d (random logits, columns chosen evenly)")
-    print(f"{'K/d':>5} | {'exact cpu':>9} {'support cpu':>11} {'ratio':>6} | {'exact wall':>10} {'support wall':>12} "
-          f"{'ratio':>6}")
+    print(
+        f"{'K/d':>5} | {'exact cpu':>9} {'support cpu':>11} {'ratio':>6} | {'exact wall':>10} {'support wall':>12} "
+        f"{'ratio':>6}"
+    )
     teacher, student = (x.to(device) for x in vocab_case("random", b, d, None))
     student.requires_grad_()
 
@@ -428,9 +462,12 @@ def vocab_crossover(device, repeats):
     exact_wall, exact_cpu = median_times(lambda: vocab_step(teacher, student, "exact", device)[0]["total"])
     for fraction in (0.05, 0.1, 0.25, 0.5):
         support = torch.linspace(0, d - 1, int(fraction * d), device=device).long()
-        wall, cpu = median_times(lambda: fixed_support_step(support))
-        print(f"{fraction:>5.2f} | {exact_cpu:>9.3f} {cpu:>11.3f} {exact_cpu / cpu:>6.2f} | {exact_wall:>10.3f} "
-              f"{wall:>12.3f} {exact_wall / wall:>6.2f}", flush=True)
+        wall, cpu = median_times(lambda s=support: fixed_support_step(s))
+        print(
+            f"{fraction:>5.2f} | {exact_cpu:>9.3f} {cpu:>11.3f} {exact_cpu / cpu:>6.2f} | {exact_wall:>10.3f} "
+            f"{wall:>12.3f} {exact_wall / wall:>6.2f}",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -440,15 +477,31 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--domains", action="store_true", help="print the exp/log-domain measurement instead")
     parser.add_argument("--envelope", action="store_true", help="print the envelope-gradient difference instead")
-    parser.add_argument("--vocab", action="store_true",
-                        help="vocabulary-level batch-wise cost: exact vs cost='auto' (support + tail bucket)")
-    parser.add_argument("--vocab-crossover", action="store_true",
-                        help="the measurement behind cost='auto''s size and kept-fraction thresholds")
+    parser.add_argument(
+        "--vocab",
+        action="store_true",
+        help="vocabulary-level batch-wise cost: exact vs cost='auto' (support + tail bucket)",
+    )
+    parser.add_argument(
+        "--vocab-crossover",
+        action="store_true",
+        help="the measurement behind cost='auto''s size and kept-fraction thresholds",
+    )
     parser.add_argument("--b", type=int, nargs="+", default=[256, 1024], help="--vocab: batch sizes")
-    parser.add_argument("--d", type=int, nargs="+", default=[32000, 50257],
-                        help="--vocab: vocabulary sizes (real rows stop at SmolLM2's 49,152)")
-    parser.add_argument("--kinds", nargs="+", default=["real", "random", "peaked"],
-                        choices=["real", "random", "peaked"], help="--vocab: distributions")
+    parser.add_argument(
+        "--d",
+        type=int,
+        nargs="+",
+        default=[32000, 50257],
+        help="--vocab: vocabulary sizes (real rows stop at SmolLM2's 49,152)",
+    )
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["real", "random", "peaked"],
+        choices=["real", "random", "peaked"],
+        help="--vocab: distributions",
+    )
     args = parser.parse_args()
     if args.domains:
         return domains_table()
@@ -460,8 +513,10 @@ def main() -> None:
         return vocab_table(sizes, args.kinds, 1 if args.quick else args.repeats, device)
     if args.vocab_crossover:
         return vocab_crossover(device, 1 if args.quick else args.repeats)
-    print(f"device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"T = {T_ITERS}, λ = 0.1, τ_SD = 2, float32")
+    print(
+        f"device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+        f"T = {T_ITERS}, λ = 0.1, τ_SD = 2, float32"
+    )
     if args.quick:
         sizes, repeats = [(16, 2), (64, 3), (256, 3), (16, 50257)], 1
     else:

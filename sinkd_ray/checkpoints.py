@@ -43,8 +43,11 @@ def rng_state() -> dict[str, Any]:
     """Every generator a training step draws from, as JSON-able values (CUDA: every visible device)."""
     version, words, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(words), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-             "torch": torch.get_rng_state().tolist()}
+    state = {
+        "python": [version, list(words), gauss],
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
@@ -73,13 +76,20 @@ def _like(shard: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
 
         local = shard.to(reference.to_local().device, reference.dtype)
-        return DTensor.from_local(local, reference.device_mesh, reference.placements, run_check=False,
-                                  shape=reference.shape, stride=reference.stride())
+        return DTensor.from_local(
+            local,
+            reference.device_mesh,
+            reference.placements,
+            run_check=False,
+            shape=reference.shape,
+            stride=reference.stride(),
+        )
     return shard.to(reference.device, reference.dtype)
 
 
-def save_training_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-                        rank: int) -> None:
+def save_training_state(
+    directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, rank: int
+) -> None:
     """Rank ``rank``'s shards of the model weights and the optimizer state (collective-free: local shards)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -89,11 +99,16 @@ def save_training_state(directory: Path, model: torch.nn.Module, optimizer: torc
     for fqn, entries in optim_state["state"].items():
         tensors.update({f"optim/{fqn}/{name}": _local(v) for name, v in entries.items()})
     (directory / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
-              for g in optim_state["param_groups"]]
+    groups = [
+        {k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
+        for g in optim_state["param_groups"]
+    ]
     tensors, aliases = _without_shared(tensors)
-    save_file(tensors, str(directory / SHARDS_DIR / f"rank{rank}.safetensors"),
-              metadata={"param_groups": json.dumps(groups), "aliases": json.dumps(aliases)})
+    save_file(
+        tensors,
+        str(directory / SHARDS_DIR / f"rank{rank}.safetensors"),
+        metadata={"param_groups": json.dumps(groups), "aliases": json.dumps(aliases)},
+    )
 
 
 def _without_shared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -121,17 +136,20 @@ def _load_shard(path: Path) -> dict[str, torch.Tensor]:
     return {**tensors, **{alias: tensors[name] for alias, name in aliases.items()}}
 
 
-def load_training_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-                        rank: int) -> None:
+def load_training_state(
+    directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, rank: int
+) -> None:
     """Put rank ``rank``'s saved shards back into the (identically sharded) model and optimizer."""
     from safetensors import safe_open
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     path = directory / SHARDS_DIR / f"rank{rank}.safetensors"
     if not path.is_file():
-        raise SinkdError(f"{directory} has no shard for rank {rank} — resume with the number of workers that "
-                         "wrote it")
+        raise SinkdError(f"{directory} has no shard for rank {rank} — resume with the number of workers that wrote it")
     shards = _load_shard(path)
     with safe_open(str(path), "pt") as handle:
         groups = json.loads(handle.metadata()["param_groups"])
@@ -140,7 +158,7 @@ def load_training_state(directory: Path, model: torch.nn.Module, optimizer: torc
     state: dict[str, dict[str, torch.Tensor]] = {}
     for key, shard in shards.items():
         if key.startswith("optim/"):
-            fqn, name = key[len("optim/"):].rsplit("/", 1)
+            fqn, name = key[len("optim/") :].rsplit("/", 1)
             reference = model_state[fqn]
             if name == "step":  # a scalar kept on the parameters' device (the fused kernel reads it there)
                 device = (reference.to_local() if hasattr(reference, "to_local") else reference).device
@@ -179,11 +197,10 @@ def student_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     files = sorted((checkpoint / SHARDS_DIR).glob("rank*.safetensors"), key=lambda p: int(p.stem[4:]))
     if not files:
         raise SinkdError(f"{checkpoint} holds no student weights — is it a sinkd_ray checkpoint?")
-    shards = [{k[len("model/"):]: v for k, v in _load_shard(f).items() if k.startswith("model/")} for f in files]
+    shards = [{k[len("model/") :]: v for k, v in _load_shard(f).items() if k.startswith("model/")} for f in files]
     if len(shards) == 1:
         return shards[0]
-    return {k: shards[0][k] if shards[0][k].dim() == 0 else torch.cat([s[k] for s in shards], dim=0)
-            for k in shards[0]}
+    return {k: shards[0][k] if shards[0][k].dim() == 0 else torch.cat([s[k] for s in shards], dim=0) for k in shards[0]}
 
 
 def export_student(checkpoint: Path, output_dir: Path) -> dict:
@@ -203,8 +220,10 @@ def export_student(checkpoint: Path, output_dir: Path) -> dict:
         hf_model = hf_model_from_config(checkpoint / STUDENT_DIR)
         missing, unexpected = hf_model.load_state_dict(weights, strict=False)
         if unexpected or [k for k in missing if k not in getattr(hf_model, "_tied_weights_keys", None) or ()]:
-            raise SinkdError(f"{checkpoint}: the saved weights do not fit the saved config (missing {missing[:3]},"
-                             f" unexpected {unexpected[:3]}) — the checkpoint is damaged")
+            raise SinkdError(
+                f"{checkpoint}: the saved weights do not fit the saved config (missing {missing[:3]},"
+                f" unexpected {unexpected[:3]}) — the checkpoint is damaged"
+            )
         for file in (checkpoint / STUDENT_DIR).iterdir():  # tokenizer, sinkd metadata
             if file.is_file() and file.name != "config.json":
                 shutil.copy2(file, output_dir / file.name)
@@ -217,5 +236,7 @@ def export_student(checkpoint: Path, output_dir: Path) -> dict:
 def _refuse_non_finite(weights: dict[str, torch.Tensor], where: Path) -> None:
     bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise SinkdError(f"{where}: the student's weights are not finite ({', '.join(bad[:3])}) — this run "
-                         "diverged; nothing is exported")
+        raise SinkdError(
+            f"{where}: the student's weights are not finite ({', '.join(bad[:3])}) — this run "
+            "diverged; nothing is exported"
+        )

@@ -12,7 +12,8 @@ import dataclasses
 import sys
 import types
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sinkd_ray.errors import SinkdError
 
@@ -25,8 +26,9 @@ def _base_type(annotation: Any) -> type:
     return args[0] if args else annotation
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
-                    group: str | None = None) -> None:
+def add_config_args(
+    parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (), group: str | None = None
+) -> None:
     """Add one ``--field-name`` per dataclass field (booleans get ``--x`` / ``--no-x``).
 
     Use with ``argparse.ArgumentDefaultsHelpFormatter``, which appends each default to the help text.
@@ -42,12 +44,14 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[s
         kind = _base_type(hints[f.name])
         choices = f.metadata.get("choices")
         if kind is bool:
-            target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text)
+            target.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
         else:
             metavar = None if choices else f.metadata.get("metavar", kind.__name__.upper())
-            target.add_argument(flag, dest=f.name, type=kind, default=default, choices=choices,
-                                metavar=metavar, help=help_text)
+            target.add_argument(
+                flag, dest=f.name, type=kind, default=default, choices=choices, metavar=metavar, help=help_text
+            )
 
 
 def config_from_args(cls: type, namespace: argparse.Namespace, **overrides: Any) -> Any:
@@ -74,8 +78,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     i = 0
     while i < len(argv):
         token = argv[i]
-        if token.startswith("--") and "=" not in token and i + 1 < len(argv) and argv[i + 1].startswith("-") \
-                and _is_number(argv[i + 1]):
+        if (
+            token.startswith("--")
+            and "=" not in token
+            and i + 1 < len(argv)
+            and argv[i + 1].startswith("-")
+            and _is_number(argv[i + 1])
+        ):
             joined.append(f"{token}={argv[i + 1]}")
             i += 2
             continue
@@ -98,7 +107,6 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: finished trials and checkpoints are kept; rerun with --resume to continue",
-              file=sys.stderr)
+        print("interrupted: finished trials and checkpoints are kept; rerun with --resume to continue", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)

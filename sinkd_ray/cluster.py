@@ -36,8 +36,14 @@ from sinkd_ray.cli import run_cli
 from sinkd_ray.errors import SinkdError
 
 # Keys that carry secrets: they belong in the environment / instance roles, never in a committed file.
-CREDENTIAL_KEYS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "password",
-                   "secret", "private_key")
+CREDENTIAL_KEYS = (
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "password",
+    "secret",
+    "private_key",
+)
 PLACEHOLDER_BUCKET = "s3://my-sinkd-bucket"
 AMI_ID = re.compile(r"^ami-[0-9a-f]{8}(?:[0-9a-f]{9})?$")
 SETUP_KEYS = ("setup_commands", "head_setup_commands", "worker_setup_commands")
@@ -73,8 +79,12 @@ def _ray_default_amis() -> set[str]:
 
 def _docker_env(docker: dict) -> dict[str, str]:
     """NAME -> value of the ``--env``/``-e`` options in ``docker.run_options`` (and the head/worker variants)."""
-    tokens = [t for key in ("run_options", "head_run_options", "worker_run_options")
-              for option in docker.get(key) or [] for t in shlex.split(str(option))]
+    tokens = [
+        t
+        for key in ("run_options", "head_run_options", "worker_run_options")
+        for option in docker.get(key) or []
+        for t in shlex.split(str(option))
+    ]
     env = {}
     for i, token in enumerate(tokens):
         value = None
@@ -99,16 +109,22 @@ def _check_software(config: dict, source: str, constraints: Path | None) -> None
     image = str((config.get("docker") or {}).get("image") or "")
     pin = _ray_pin(constraints) if constraints else None
     if not image:
-        raise SinkdError(f"{source}: no docker.image — pin Ray's GPU image of this project's Ray version "
-                         f"(rayproject/ray:{pin or '<version>'}-py311-cu130), so every node runs the same software")
+        raise SinkdError(
+            f"{source}: no docker.image — pin Ray's GPU image of this project's Ray version "
+            f"(rayproject/ray:{pin or '<version>'}-py311-cu130), so every node runs the same software"
+        )
     if constraints and pin is None:
         raise SinkdError(f"{source}: {constraints} does not pin ray — the lock file every node installs is missing")
     if pin and not image.startswith(f"rayproject/ray:{pin}-"):
-        raise SinkdError(f"{source}: docker.image {image} is not Ray's image of the pinned ray=={pin} — use "
-                         f"rayproject/ray:{pin}-py311-cu130 (a node on another Ray version never joins)")
+        raise SinkdError(
+            f"{source}: docker.image {image} is not Ray's image of the pinned ray=={pin} — use "
+            f"rayproject/ray:{pin}-py311-cu130 (a node on another Ray version never joins)"
+        )
     if not re.search(r"-(cu\d+|gpu)\b", image):
-        raise SinkdError(f"{source}: docker.image {image} is not a GPU image — use a -cuXXX tag (torch 2.13 from "
-                         "PyPI is a CUDA 13.0 build: -cu130)")
+        raise SinkdError(
+            f"{source}: docker.image {image} is not a GPU image — use a -cuXXX tag (torch 2.13 from "
+            "PyPI is a CUDA 13.0 build: -cu130)"
+        )
     installs = []
     for key in SETUP_KEYS:
         for i, command in enumerate(config.get(key) or []):
@@ -117,17 +133,23 @@ def _check_software(config: dict, source: str, constraints: Path | None) -> None
                 interpreter, pip = match.groups()
                 if interpreter != "python" or pip != "pip":
                     used = f"{interpreter} -m {pip}" if interpreter else pip
-                    raise SinkdError(f"{source}: {where} installs with '{used}', but the README's job runs 'python -m "
-                                     "sinkd_ray.tune' — install with 'python -m pip' (the same interpreter)")
+                    raise SinkdError(
+                        f"{source}: {where} installs with '{used}', but the README's job runs 'python -m "
+                        "sinkd_ray.tune' — install with 'python -m pip' (the same interpreter)"
+                    )
                 installs.append((where, command))
     project = [(w, c) for w, c in installs if re.search(r"\s-e\s", c)]
     if not project:
-        raise SinkdError(f"{source}: setup_commands never install this checkout (python -m pip install -c "
-                         ".../constraints.txt -e <file_mounts path>)")
+        raise SinkdError(
+            f"{source}: setup_commands never install this checkout (python -m pip install -c "
+            ".../constraints.txt -e <file_mounts path>)"
+        )
     for where, command in installs:
         if not re.search(r"(?:\s-c\s*|--constraint[=\s])\S*constraints\.txt\b", command):
-            raise SinkdError(f"{source}: {where} installs without -c …/constraints.txt — unpinned dependencies drift "
-                             "(a node autoscaled a day later gets other versions)")
+            raise SinkdError(
+                f"{source}: {where} installs without -c …/constraints.txt — unpinned dependencies drift "
+                "(a node autoscaled a day later gets other versions)"
+            )
 
 
 def validate_cluster_config(config: dict, source: str = "cluster config", constraints: Path | None = None) -> dict:
@@ -142,8 +164,10 @@ def validate_cluster_config(config: dict, source: str = "cluster config", constr
         raise SinkdError(f"{source}: not a YAML mapping")
     for keys, text, is_key in _walk(config):
         if is_key and (text.lower() in CREDENTIAL_KEYS or text.lower().endswith("_secret")):
-            raise SinkdError(f"{source}: '{'.'.join(keys)}' looks like a credential — remove it and use the "
-                             "environment or an instance role")
+            raise SinkdError(
+                f"{source}: '{'.'.join(keys)}' looks like a credential — remove it and use the "
+                "environment or an instance role"
+            )
     quiet = logging.getLogger("ray.autoscaler")  # prepare_config logs an INFO line; the check prints one line
     level = quiet.level
     quiet.setLevel(logging.WARNING)
@@ -166,51 +190,64 @@ def validate_cluster_config(config: dict, source: str = "cluster config", constr
             raise SinkdError(f"{source}: node type '{name}' has min_workers={low} > max_workers={high}")
     total_min = sum(t.get("min_workers", 0) for t in workers.values())
     if total_min > prepared.get("max_workers", 0):
-        raise SinkdError(f"{source}: the node types' min_workers add up to {total_min}, more than the cluster's "
-                         f"max_workers={prepared.get('max_workers')}")
+        raise SinkdError(
+            f"{source}: the node types' min_workers add up to {total_min}, more than the cluster's "
+            f"max_workers={prepared.get('max_workers')}"
+        )
 
     env = _docker_env(prepared.get("docker") or {})
     aws = prepared["provider"].get("type") == "aws"
     amis = {name: str(t.get("node_config", {}).get("ImageId", "")) for name, t in types.items()}
     # The CHANGE lines first, in one line: a fresh copy of the template names everything to fill in at once.
     unset_ami = [name for name, ami in amis.items() if aws and re.fullmatch(r"ami-x+", ami)]
-    todo = ([f"SINKD_BUCKET (still {PLACEHOLDER_BUCKET})"] if env.get("SINKD_BUCKET") == PLACEHOLDER_BUCKET else []) \
-        + ([f"ImageId of {', '.join(unset_ami)} (still {amis[unset_ami[0]]})"] if unset_ami else [])
+    todo = ([f"SINKD_BUCKET (still {PLACEHOLDER_BUCKET})"] if env.get("SINKD_BUCKET") == PLACEHOLDER_BUCKET else []) + (
+        [f"ImageId of {', '.join(unset_ami)} (still {amis[unset_ami[0]]})"] if unset_ami else []
+    )
     if todo:
         raise SinkdError(f"{source}: fill in the lines marked CHANGE: {'; '.join(todo)}")
     if aws:
         old = _ray_default_amis()
         for name, ami in amis.items():
             if ami.lower() in ("", "latest_dlami") or ami in old:
-                raise SinkdError(f"{source}: node type '{name}' has ImageId {ami or '(none)'!r}, which Ray 2.60 "
-                                 "resolves to its default 'AWS Deep Learning AMI (Ubuntu 18.04) V71.0' (glibc 2.27, no "
-                                 "torch 2.13 wheel) — set an explicit current AMI (the CHANGE line)")
+                raise SinkdError(
+                    f"{source}: node type '{name}' has ImageId {ami or '(none)'!r}, which Ray 2.60 "
+                    "resolves to its default 'AWS Deep Learning AMI (Ubuntu 18.04) V71.0' (glibc 2.27, no "
+                    "torch 2.13 wheel) — set an explicit current AMI (the CHANGE line)"
+                )
             if not (AMI_ID.match(ami) or ami.startswith("resolve:ssm:")):
                 raise SinkdError(f"{source}: node type '{name}' has ImageId {ami!r}, not an AMI id (ami-…)")
         for name, node_type in workers.items():
             profile = node_type.get("node_config", {}).get("IamInstanceProfile") or {}
             if not (profile.get("Arn") or profile.get("Name")):
-                raise SinkdError(f"{source}: worker node type '{name}' has no IamInstanceProfile — Ray gives its "
-                                 "default role to the head only, so this node cannot write checkpoints to the bucket; "
-                                 "add IamInstanceProfile: {Name: sinkd-ray-worker} (deploy/aws_iam.sh)")
+                raise SinkdError(
+                    f"{source}: worker node type '{name}' has no IamInstanceProfile — Ray gives its "
+                    "default role to the head only, so this node cannot write checkpoints to the bucket; "
+                    "add IamInstanceProfile: {Name: sinkd-ray-worker} (deploy/aws_iam.sh)"
+                )
 
     # The file's own lists (prepare_config merges setup_commands into the head/worker lists): indices as written.
     _check_software(config, source, constraints)
     bucket = env.get("SINKD_BUCKET")
     if not bucket or not re.fullmatch(r"(s3|gs)://[a-z0-9][a-z0-9.\-_]{1,254}(/\S*)?", bucket):
-        raise SinkdError(f"{source}: docker.run_options must set the bucket once, e.g. "
-                         f"--env=SINKD_BUCKET=s3://your-bucket (found {bucket!r})")
+        raise SinkdError(
+            f"{source}: docker.run_options must set the bucket once, e.g. "
+            f"--env=SINKD_BUCKET=s3://your-bucket (found {bucket!r})"
+        )
     for keys, text, _ in _walk(config):
         if "SINKD_BUCKET=" in text:  # the one place itself
             continue
         copy = re.search(r"\b(?:s3|gs)://[^\s\"'$/]+", text)
         if copy:
-            raise SinkdError(f"{source}: '{'.'.join(keys)}' names a bucket ({copy.group(0)}) — use $SINKD_BUCKET, so "
-                             "that the bucket lives in one place (a second copy fails only at the end of a study)")
+            raise SinkdError(
+                f"{source}: '{'.'.join(keys)}' names a bucket ({copy.group(0)}) — use $SINKD_BUCKET, so "
+                "that the bucket lives in one place (a second copy fails only at the end of a study)"
+            )
     backend = env.get("SINKD_MLFLOW_BACKEND", "")
     if backend != "sqlite" and not re.fullmatch(r"ssm:/?[\w./\-]+", backend):
-        raise SinkdError(f"{source}: docker.run_options must set --env=SINKD_MLFLOW_BACKEND=sqlite (lost at `ray "
-                         f"down`) or ssm:<parameter> (a database URI that survives it); found {backend!r}")
+        raise SinkdError(
+            f"{source}: docker.run_options must set --env=SINKD_MLFLOW_BACKEND=sqlite (lost at `ray "
+            f"down`) or ssm:<parameter> (a database URI that survives it); found {backend!r}"
+        )
     return prepared
 
 
@@ -226,8 +263,9 @@ def load_cluster_file(path: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sinkd_ray.cluster",
-                                     description="Check a Ray cluster launcher file offline; set up its nodes.")
+    parser = argparse.ArgumentParser(
+        prog="python -m sinkd_ray.cluster", description="Check a Ray cluster launcher file offline; set up its nodes."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate a cluster file (before `ray up`)")
     check.add_argument("path", nargs="?", default="cluster.yaml")
@@ -237,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "check":
         prepared = load_cluster_file(args.path)
-        types = ", ".join(f"{name} ({t.get('min_workers', 0)}-{t.get('max_workers', 0)})"
-                          for name, t in prepared["available_node_types"].items())
+        types = ", ".join(
+            f"{name} ({t.get('min_workers', 0)}-{t.get('max_workers', 0)})"
+            for name, t in prepared["available_node_types"].items()
+        )
         print(f"{args.path}: valid ({prepared['provider']['type']}; node types: {types})")
         return 0
     from sinkd_ray import node_setup

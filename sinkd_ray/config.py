@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sinkd_ray.errors import SinkdError
-from sinkd_ray.models import FAMILIES, LOGIT_SPACE_SETTINGS, QUANTIZATIONS
 from sinkd_ray.losses import (
     DISTRIBUTION_TERMS,
     RANKING_KINDS,
@@ -31,6 +30,7 @@ from sinkd_ray.losses import (
     SINKHORN_VARIANTS,
     SUPPORT_MAX_TAIL_MASS,
 )
+from sinkd_ray.models import FAMILIES, LOGIT_SPACE_SETTINGS, QUANTIZATIONS
 
 INF = math.inf
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto": bfloat16 when the run uses bf16
@@ -45,8 +45,16 @@ def _fmt_interval(low: float, high: float, low_open: bool, high_open: bool) -> s
     return f"{left}{show(low)}, {show(high)}{right}"
 
 
-def _check_number(name: str, value: Any, low: float = -INF, high: float = INF, *, low_open: bool = False,
-                  high_open: bool = False, integer: bool = False) -> None:
+def _check_number(
+    name: str,
+    value: Any,
+    low: float = -INF,
+    high: float = INF,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
     """Raise SinkdError unless ``value`` is a number (an integer if asked) inside the interval."""
     interval = _fmt_interval(low, high, low_open, high_open)
     kind = "an integer" if integer else "a number"
@@ -80,8 +88,12 @@ class ValidatedConfig:
         known = [f.name for f in dataclasses.fields(cls) if f.init]
         unknown = [key for key in values if key not in known]
         if unknown:
-            hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, known, n=1))
-                     else repr(key) for key in unknown]
+            hints = [
+                f"{key!r} (did you mean {close[0]!r}?)"
+                if (close := difflib.get_close_matches(key, known, n=1))
+                else repr(key)
+                for key in unknown
+            ]
             raise SinkdError(f"unknown {cls.__name__} key(s) {', '.join(hints)} — known keys: {', '.join(known)}")
         return cls(**values)
 
@@ -111,99 +123,190 @@ class DistillConfig(ValidatedConfig):
     RKL / JS / TVD in place of Sinkhorn get the same mass and scale (averaged, or summed over b × scale).
     """
 
-    alpha: float = field(default=0.9, metadata={
-        "help": "α in [0, 1]: weight of the KL term; CE gets (1 − α). "
-                "α=0 gives CE + β·SD, α=1 gives KL + β·SD."})
-    beta: float = field(default=0.8, metadata={
-        "help": "β ≥ 0: weight of the distribution-level term (Sinkhorn or its RKL/JS/TVD replacement); 0 turns it "
-                "off. Its meaning depends on sinkhorn_mass: 'unit' (default) = plan mass 1, the term is a per-sample "
-                "average; the released preset = mass b × 0.001, where β 0.8 equals β 0.013–0.05 under 'unit' "
-                "(b 16–64)."})
-    tau_kl: float = field(default=1.0, metadata={
-        "help": "τ_KL > 0: temperature of the KL term. 1.0 as in the released GLUE scripts (--temperature 1.0)."})
-    tau_sd: float = field(default=2.0, metadata={
-        "help": "τ_SD > 0: temperature of the softmax fed to the Sinkhorn term (paper: 2)."})
-    sinkhorn_lambda: float = field(default=0.1, metadata={
-        "help": "λ > 0: entropic regularisation of Sinkhorn, K = exp(−C/λ) (paper: 0.1). Small λ (< C_range/50) "
-                "switches to the slower log-domain iterations automatically."})
-    sinkhorn_iters: int = field(default=20, metadata={
-        "help": "T ≥ 1: number of Sinkhorn iterations (rows then columns), differentiated through (paper: 20)."})
-    sinkhorn_p: float = field(default=1.0, metadata={
-        "help": "p ≥ 1: the cost is the L_p distance between probability vectors (paper: 1)."})
-    batch_size: int = field(default=32, metadata={
-        "help": "b ≥ 2: global batch size, the number of samples the batch-wise transport plan couples."})
-    sinkhorn_variant: str = field(default="batch", metadata={
-        "choices": SINKHORN_VARIANTS,
-        "help": f"Sinkhorn cost: one of {list(SINKHORN_VARIANTS)} — batch-wise b×b (paper's main), sample-wise "
-                "d×d per sample with the sample's own distributions as marginals (paper Eq. 10–12), the same "
-                "with uniform marginals ('sample_uniform', not the paper's), or flattened bd×bd."})
-    distribution_term: str = field(default="sinkhorn", metadata={
-        "choices": DISTRIBUTION_TERMS,
-        "help": f"β-weighted term: one of {list(DISTRIBUTION_TERMS)} (RKL/JS/TVD are the paper's ablations; "
-                "'none' = vanilla KD)."})
-    use_ce: bool = field(default=True, metadata={
-        "help": "Include the cross-entropy with the gold labels (weight 1 − α)."})
-    use_kl: bool = field(default=True, metadata={
-        "help": "Include the KL term (weight α)."})
-    sinkhorn_mass: str = field(default="unit", metadata={
-        "choices": SINKHORN_MASSES,
-        "help": f"one of {list(SINKHORN_MASSES)}: 'unit' = plan mass 1, the β term is a per-sample average "
-                "and does not grow with b; 'batch' = unit marginals (mass b) as the released code, the β term "
-                "(Sinkhorn, or RKL/JS/TVD in its place) is summed over the b samples."})
-    sinkhorn_scale: float = field(default=1.0, metadata={
-        "help": "> 0: constant factor on the β term (the released code uses 0.001 with mass 'batch')."})
-    sinkhorn_scale_preset: str | None = field(default=None, metadata={
-        "choices": tuple(SINKHORN_PRESETS),
-        "help": f"optional, one of {list(SINKHORN_PRESETS)}: sets sinkhorn_mass and sinkhorn_scale together "
-                "('released' = mass 'batch', scale 0.001); overrides those two fields."})
-    sinkhorn_grad: str = field(default="unrolled", metadata={
-        "choices": SINKHORN_GRADS,
-        "help": f"one of {list(SINKHORN_GRADS)}: 'unrolled' differentiates through the T iterations (the paper); "
-                "'envelope' holds the plan constant (cheaper, a different gradient; opt-in)."})
-    kl_tau_squared: bool = field(default=False, metadata={
-        "help": "Multiply the KL term by τ_KL² (Hinton et al.), keeping its gradient scale independent of τ_KL. "
-                "Off by default: the paper's Eq. 19 and the released DistillKL have no τ² factor."})
-    sinkhorn_max_cost_elements: int = field(default=SINKHORN_MAX_COST_ELEMENTS, metadata={
-        "help": "Largest Sinkhorn cost matrix (elements) allowed before a clear error instead of running out "
-                "of memory (the sample-wise / flattened variants are O(b·d²) / O((bd)²))."})
-    sinkhorn_cost: str = field(default="auto", metadata={
-        "choices": SINKHORN_COSTS,
-        "help": f"batch-wise cost matrix, one of {list(SINKHORN_COSTS)}: 'exact' = L1 over all d columns "
-                "(O(b²·d)); 'support' = L1 over the columns that hold all but sinkhorn_max_tail_mass of one side's "
-                "rows plus one tail bucket (p = 1; each entry within 2 × that mass; the loss measured 12–23× "
-                "faster on SmolLM2's vocabulary at b 256–1024); 'auto' = exact while b·b·d < 2^26 or when the support "
-                "would exceed d/4 columns, else 'support'."})
-    sinkhorn_max_tail_mass: float = field(default=SUPPORT_MAX_TAIL_MASS, metadata={
-        "help": "ε in (0, 1): with the support cost, every row of one side leaves at most ε of its probability "
-                "outside the kept columns; each cost entry is then within 2ε of the exact one."})
-    gamma: float = field(default=0.0, metadata={
-        "help": "γ ≥ 0: weight of the ranking term (RLKD-style pairwise ranking of the teacher's top-k on the "
-                "student's logits); 0 = off, the paper's objective."})
-    ranking_k: int = field(default=5, metadata={
-        "help": "k ≥ 2: how many of the teacher's top entries the ranking term orders (clipped to the number "
-                "of classes / vocabulary size)."})
-    ranking_margin: float = field(default=0.1, metadata={
-        "help": "m ≥ 0: logit margin by which each higher-ranked entry must lead the next in the student."})
-    ranking_kind: str = field(default="hinge", metadata={
-        "choices": RANKING_KINDS,
-        "help": f"pairwise ranking loss, one of {list(RANKING_KINDS)}: hinge max(0, m − gap) (0 once ordered by "
-                "the margin) or logistic log(1 + exp(m − gap))."})
-    online_teacher: bool = field(default=False, metadata={
-        "help": "OKD-style online teacher: train small LoRA modules on the frozen teacher in the same step as "
-                "the student (teacher loss CE + η·KL(student ‖ teacher)); bypasses the teacher-logit cache."})
-    online_rank: int = field(default=8, metadata={
-        "help": "LoRA rank r of the teacher's online modules (on the attention query/value projections)."})
-    online_lr: float = field(default=1e-4, metadata={
-        "help": "AdamW learning rate of the teacher's online modules (their own optimizer, linear decay)."})
-    online_kl_weight: float = field(default=1.0, metadata={
-        "help": "η ≥ 0: weight of KL_τKL(student ‖ teacher) in the teacher's loss, pulling the teacher toward "
-                "the student's distribution; the CE with the labels keeps it on the task."})
+    alpha: float = field(
+        default=0.9,
+        metadata={
+            "help": "α in [0, 1]: weight of the KL term; CE gets (1 − α). α=0 gives CE + β·SD, α=1 gives KL + β·SD."
+        },
+    )
+    beta: float = field(
+        default=0.8,
+        metadata={
+            "help": "β ≥ 0: weight of the distribution-level term (Sinkhorn or its RKL/JS/TVD replacement); 0 turns it "
+            "off. Its meaning depends on sinkhorn_mass: 'unit' (default) = plan mass 1, the term is a per-sample "
+            "average; the released preset = mass b × 0.001, where β 0.8 equals β 0.013–0.05 under 'unit' "
+            "(b 16–64)."
+        },
+    )
+    tau_kl: float = field(
+        default=1.0,
+        metadata={
+            "help": "τ_KL > 0: temperature of the KL term. 1.0 as in the released GLUE scripts (--temperature 1.0)."
+        },
+    )
+    tau_sd: float = field(
+        default=2.0, metadata={"help": "τ_SD > 0: temperature of the softmax fed to the Sinkhorn term (paper: 2)."}
+    )
+    sinkhorn_lambda: float = field(
+        default=0.1,
+        metadata={
+            "help": "λ > 0: entropic regularisation of Sinkhorn, K = exp(−C/λ) (paper: 0.1). Small λ (< C_range/50) "
+            "switches to the slower log-domain iterations automatically."
+        },
+    )
+    sinkhorn_iters: int = field(
+        default=20,
+        metadata={
+            "help": "T ≥ 1: number of Sinkhorn iterations (rows then columns), differentiated through (paper: 20)."
+        },
+    )
+    sinkhorn_p: float = field(
+        default=1.0, metadata={"help": "p ≥ 1: the cost is the L_p distance between probability vectors (paper: 1)."}
+    )
+    batch_size: int = field(
+        default=32,
+        metadata={"help": "b ≥ 2: global batch size, the number of samples the batch-wise transport plan couples."},
+    )
+    sinkhorn_variant: str = field(
+        default="batch",
+        metadata={
+            "choices": SINKHORN_VARIANTS,
+            "help": f"Sinkhorn cost: one of {list(SINKHORN_VARIANTS)} — batch-wise b×b (paper's main), sample-wise "
+            "d×d per sample with the sample's own distributions as marginals (paper Eq. 10–12), the same "
+            "with uniform marginals ('sample_uniform', not the paper's), or flattened bd×bd.",
+        },
+    )
+    distribution_term: str = field(
+        default="sinkhorn",
+        metadata={
+            "choices": DISTRIBUTION_TERMS,
+            "help": f"β-weighted term: one of {list(DISTRIBUTION_TERMS)} (RKL/JS/TVD are the paper's ablations; "
+            "'none' = vanilla KD).",
+        },
+    )
+    use_ce: bool = field(
+        default=True, metadata={"help": "Include the cross-entropy with the gold labels (weight 1 − α)."}
+    )
+    use_kl: bool = field(default=True, metadata={"help": "Include the KL term (weight α)."})
+    sinkhorn_mass: str = field(
+        default="unit",
+        metadata={
+            "choices": SINKHORN_MASSES,
+            "help": f"one of {list(SINKHORN_MASSES)}: 'unit' = plan mass 1, the β term is a per-sample average "
+            "and does not grow with b; 'batch' = unit marginals (mass b) as the released code, the β term "
+            "(Sinkhorn, or RKL/JS/TVD in its place) is summed over the b samples.",
+        },
+    )
+    sinkhorn_scale: float = field(
+        default=1.0,
+        metadata={"help": "> 0: constant factor on the β term (the released code uses 0.001 with mass 'batch')."},
+    )
+    sinkhorn_scale_preset: str | None = field(
+        default=None,
+        metadata={
+            "choices": tuple(SINKHORN_PRESETS),
+            "help": f"optional, one of {list(SINKHORN_PRESETS)}: sets sinkhorn_mass and sinkhorn_scale together "
+            "('released' = mass 'batch', scale 0.001); overrides those two fields.",
+        },
+    )
+    sinkhorn_grad: str = field(
+        default="unrolled",
+        metadata={
+            "choices": SINKHORN_GRADS,
+            "help": f"one of {list(SINKHORN_GRADS)}: 'unrolled' differentiates through the T iterations (the paper); "
+            "'envelope' holds the plan constant (cheaper, a different gradient; opt-in).",
+        },
+    )
+    kl_tau_squared: bool = field(
+        default=False,
+        metadata={
+            "help": "Multiply the KL term by τ_KL² (Hinton et al.), keeping its gradient scale independent of τ_KL. "
+            "Off by default: the paper's Eq. 19 and the released DistillKL have no τ² factor."
+        },
+    )
+    sinkhorn_max_cost_elements: int = field(
+        default=SINKHORN_MAX_COST_ELEMENTS,
+        metadata={
+            "help": "Largest Sinkhorn cost matrix (elements) allowed before a clear error instead of running out "
+            "of memory (the sample-wise / flattened variants are O(b·d²) / O((bd)²))."
+        },
+    )
+    sinkhorn_cost: str = field(
+        default="auto",
+        metadata={
+            "choices": SINKHORN_COSTS,
+            "help": f"batch-wise cost matrix, one of {list(SINKHORN_COSTS)}: 'exact' = L1 over all d columns "
+            "(O(b²·d)); 'support' = L1 over the columns that hold all but sinkhorn_max_tail_mass of one side's "
+            "rows plus one tail bucket (p = 1; each entry within 2 × that mass; the loss measured 12–23× "
+            "faster on SmolLM2's vocabulary at b 256–1024); 'auto' = exact while b·b·d < 2^26 or when the support "
+            "would exceed d/4 columns, else 'support'.",
+        },
+    )
+    sinkhorn_max_tail_mass: float = field(
+        default=SUPPORT_MAX_TAIL_MASS,
+        metadata={
+            "help": "ε in (0, 1): with the support cost, every row of one side leaves at most ε of its probability "
+            "outside the kept columns; each cost entry is then within 2ε of the exact one."
+        },
+    )
+    gamma: float = field(
+        default=0.0,
+        metadata={
+            "help": "γ ≥ 0: weight of the ranking term (RLKD-style pairwise ranking of the teacher's top-k on the "
+            "student's logits); 0 = off, the paper's objective."
+        },
+    )
+    ranking_k: int = field(
+        default=5,
+        metadata={
+            "help": "k ≥ 2: how many of the teacher's top entries the ranking term orders (clipped to the number "
+            "of classes / vocabulary size)."
+        },
+    )
+    ranking_margin: float = field(
+        default=0.1,
+        metadata={"help": "m ≥ 0: logit margin by which each higher-ranked entry must lead the next in the student."},
+    )
+    ranking_kind: str = field(
+        default="hinge",
+        metadata={
+            "choices": RANKING_KINDS,
+            "help": f"pairwise ranking loss, one of {list(RANKING_KINDS)}: hinge max(0, m − gap) (0 once ordered by "
+            "the margin) or logistic log(1 + exp(m − gap)).",
+        },
+    )
+    online_teacher: bool = field(
+        default=False,
+        metadata={
+            "help": "OKD-style online teacher: train small LoRA modules on the frozen teacher in the same step as "
+            "the student (teacher loss CE + η·KL(student ‖ teacher)); bypasses the teacher-logit cache."
+        },
+    )
+    online_rank: int = field(
+        default=8,
+        metadata={"help": "LoRA rank r of the teacher's online modules (on the attention query/value projections)."},
+    )
+    online_lr: float = field(
+        default=1e-4,
+        metadata={"help": "AdamW learning rate of the teacher's online modules (their own optimizer, linear decay)."},
+    )
+    online_kl_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "η ≥ 0: weight of KL_τKL(student ‖ teacher) in the teacher's loss, pulling the teacher toward "
+            "the student's distribution; the CE with the labels keeps it on the task."
+        },
+    )
 
     @property
     def uses_teacher(self) -> bool:
         """Whether any term needs teacher logits (KL, the β term, the ranking term, online teacher modules)."""
-        return ((self.use_kl and self.alpha > 0) or (self.beta > 0 and self.distribution_term != "none")
-                or self.gamma > 0 or self.online_teacher)
+        return (
+            (self.use_kl and self.alpha > 0)
+            or (self.beta > 0 and self.distribution_term != "none")
+            or self.gamma > 0
+            or self.online_teacher
+        )
 
     def __post_init__(self) -> None:
         _check_number("alpha", self.alpha, 0.0, 1.0)
@@ -241,14 +344,18 @@ class DistillConfig(ValidatedConfig):
         if self.sinkhorn_scale_preset is not None:
             preset = SINKHORN_PRESETS[self.sinkhorn_scale_preset]
             self.sinkhorn_mass, self.sinkhorn_scale = preset["mass"], float(preset["scale"])
-        active = {"CE": self.use_ce and self.alpha < 1, "KL": self.use_kl and self.alpha > 0,
-                  "distribution term": self.beta > 0 and self.distribution_term != "none",
-                  "ranking term": self.gamma > 0}
+        active = {
+            "CE": self.use_ce and self.alpha < 1,
+            "KL": self.use_kl and self.alpha > 0,
+            "distribution term": self.beta > 0 and self.distribution_term != "none",
+            "ranking term": self.gamma > 0,
+        }
         if not any(active.values()):
             raise SinkdError(
                 f"every loss term is off (alpha={self.alpha}, use_ce={self.use_ce}, use_kl={self.use_kl}, "
                 f"beta={self.beta}, distribution_term={self.distribution_term!r}, gamma={self.gamma}) — enable "
-                "at least one")
+                "at least one"
+            )
 
 
 def parse_resources(spec: str | None) -> dict[str, float]:
@@ -263,8 +370,10 @@ def parse_resources(spec: str | None) -> dict[str, float]:
         except ValueError:
             value = -1.0
         if not sep or not name or value <= 0 or name in ("CPU", "GPU"):
-            raise SinkdError(f"worker_resources={spec!r}: {item.strip()!r} is not NAME=AMOUNT with AMOUNT > 0 "
-                             "(CPU and GPU have their own flags) — e.g. 'accelerator_type:A100=0.001'")
+            raise SinkdError(
+                f"worker_resources={spec!r}: {item.strip()!r} is not NAME=AMOUNT with AMOUNT > 0 "
+                "(CPU and GPU have their own flags) — e.g. 'accelerator_type:A100=0.001'"
+            )
         out[name] = value
     return out
 
@@ -276,36 +385,129 @@ class TrainConfig(ValidatedConfig):
     The objective's own hyper-parameters (α, β, τ, λ, T, b) live in :class:`DistillConfig`.
     """
 
-    task: str = field(default="cola", metadata={"help": "task name: cola, sst2, mrpc, qqp, mnli, qnli, rte, superglue-rte, cb"})
-    student: str | None = field(default=None, metadata={"help": "student: checkpoint dir or hub id; with --student-layers, the pretrained model whose first k layers start the student", "metavar": "PATH"})
-    student_layers: int | None = field(default=None, metadata={"help": "keep only the first k transformer layers of --student (the usual student initialisation)", "metavar": "K"})
-    teacher: str | None = field(default=None, metadata={"help": "fine-tuned teacher: checkpoint dir or hub id (omit for CE-only training)", "metavar": "PATH"})
-    family: str | None = field(default=None, metadata={"help": "model family, detected from the config when omitted", "choices": FAMILIES})
-    logit_space: str = field(default="label", metadata={"help": "generative families: distil label-word logits ('label') or the full next-token distribution ('vocab'); 'paper' = vocab for encoder-decoder and decoder models, label for encoders (the paper's Sec. 5.4)", "choices": LOGIT_SPACE_SETTINGS})
-    data_dir: str | None = field(default=None, metadata={"help": "local GLUE/SuperGLUE copy in the original formats (else $SINKD_DATA_DIR, else the hub)", "metavar": "DIR"})
+    task: str = field(
+        default="cola", metadata={"help": "task name: cola, sst2, mrpc, qqp, mnli, qnli, rte, superglue-rte, cb"}
+    )
+    student: str | None = field(
+        default=None,
+        metadata={
+            "help": "student: checkpoint dir or hub id; with --student-layers, the pretrained model whose first k "
+            "layers start the student",
+            "metavar": "PATH",
+        },
+    )
+    student_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "keep only the first k transformer layers of --student (the usual student initialisation)",
+            "metavar": "K",
+        },
+    )
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "fine-tuned teacher: checkpoint dir or hub id (omit for CE-only training)",
+            "metavar": "PATH",
+        },
+    )
+    family: str | None = field(
+        default=None, metadata={"help": "model family, detected from the config when omitted", "choices": FAMILIES}
+    )
+    logit_space: str = field(
+        default="label",
+        metadata={
+            "help": "generative families: distil label-word logits ('label') or the full next-token distribution "
+            "('vocab'); 'paper' = vocab for encoder-decoder and decoder models, label for encoders (the paper's"
+            " Sec. 5.4)",
+            "choices": LOGIT_SPACE_SETTINGS,
+        },
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "local GLUE/SuperGLUE copy in the original formats (else $SINKD_DATA_DIR, else the hub)",
+            "metavar": "DIR",
+        },
+    )
     max_length: int = field(default=128, metadata={"help": "maximum tokens per example (longer inputs are truncated)"})
     epochs: int = field(default=3, metadata={"help": "training epochs"})
-    lr: float = field(default=5e-5, metadata={"help": "peak AdamW learning rate (linear warm-up, then linear decay to 0)"})
+    lr: float = field(
+        default=5e-5, metadata={"help": "peak AdamW learning rate (linear warm-up, then linear decay to 0)"}
+    )
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of optimiser steps spent warming up"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
-    grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches of b per optimiser step (Sinkhorn couples samples within each micro-batch)"})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for model forward passes (losses always run in float32). Default: auto = on where the device does bf16 natively (CUDA with bf16; CPUs with AMX or AVX-512 BF16), else float32; --bf16 / --no-bf16 force it"})
+    grad_accum_steps: int = field(
+        default=1,
+        metadata={"help": "micro-batches of b per optimiser step (Sinkhorn couples samples within each micro-batch)"},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 autocast for model forward passes (losses always run in float32). Default: auto = on where "
+            "the device does bf16 natively (CUDA with bf16; CPUs with AMX or AVX-512 BF16), else float32; "
+            "--bf16 / --no-bf16 force it"
+        },
+    )
     eval_batch_size: int = field(default=64, metadata={"help": "examples per worker per evaluation batch"})
-    eval_every_steps: int = field(default=0, metadata={"help": "evaluate, report and checkpoint every N optimiser steps (0: once per epoch)"})
-    seed: int = field(default=42, metadata={"help": "seed for new heads, data order and dropout (and, in a study, the Optuna sampler)"})
-    workers: int = field(default=1, metadata={"help": "data-parallel FSDP workers per run; the batch b is split across them"})
-    worker_resources: str | None = field(default=None, metadata={"help": "extra Ray resources per worker, 'NAME=AMOUNT[,NAME=AMOUNT]' (e.g. 'accelerator_type:A100=0.001' or a custom node resource), to pin trials to node types", "metavar": "SPEC"})
+    eval_every_steps: int = field(
+        default=0, metadata={"help": "evaluate, report and checkpoint every N optimiser steps (0: once per epoch)"}
+    )
+    seed: int = field(
+        default=42,
+        metadata={"help": "seed for new heads, data order and dropout (and, in a study, the Optuna sampler)"},
+    )
+    workers: int = field(
+        default=1, metadata={"help": "data-parallel FSDP workers per run; the batch b is split across them"}
+    )
+    worker_resources: str | None = field(
+        default=None,
+        metadata={
+            "help": "extra Ray resources per worker, 'NAME=AMOUNT[,NAME=AMOUNT]' (e.g. 'accelerator_type:A100=0.001' or"
+            " a custom node resource), to pin trials to node types",
+            "metavar": "SPEC",
+        },
+    )
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker"})
-    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per worker (fractions let small students share a GPU)"})
-    teacher_source: str = field(default="cache", metadata={"help": "'cache': teacher logits computed once and reused; 'live': teacher forward every step", "choices": ("cache", "live")})
-    teacher_dtype: str = field(default="auto", metadata={"help": "dtype a live teacher is loaded in: 'auto' = bfloat16 when the run uses bf16 (a fine-tuned teacher is saved in float32: an 11B teacher would take ~45 GB), else float32", "choices": TEACHER_DTYPES})
-    teacher_quantization: str | None = field(default=None, metadata={"help": "load the teacher in 8-bit or 4-bit with bitsandbytes", "choices": ("8bit", "4bit")})
-    max_train_examples: int | None = field(default=None, metadata={"help": "use only the first N training examples (quick runs)", "metavar": "N"})
-    max_eval_examples: int | None = field(default=None, metadata={"help": "use only the first N dev examples (quick runs)", "metavar": "N"})
+    gpus_per_worker: float = field(
+        default=0.0, metadata={"help": "GPUs per worker (fractions let small students share a GPU)"}
+    )
+    teacher_source: str = field(
+        default="cache",
+        metadata={
+            "help": "'cache': teacher logits computed once and reused; 'live': teacher forward every step",
+            "choices": ("cache", "live"),
+        },
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype a live teacher is loaded in: 'auto' = bfloat16 when the run uses bf16 (a fine-tuned teacher "
+            "is saved in float32: an 11B teacher would take ~45 GB), else float32",
+            "choices": TEACHER_DTYPES,
+        },
+    )
+    teacher_quantization: str | None = field(
+        default=None,
+        metadata={"help": "load the teacher in 8-bit or 4-bit with bitsandbytes", "choices": ("8bit", "4bit")},
+    )
+    max_train_examples: int | None = field(
+        default=None, metadata={"help": "use only the first N training examples (quick runs)", "metavar": "N"}
+    )
+    max_eval_examples: int | None = field(
+        default=None, metadata={"help": "use only the first N dev examples (quick runs)", "metavar": "N"}
+    )
     checkpoints_to_keep: int = field(default=1, metadata={"help": "best checkpoints kept per run (by the dev metric)"})
-    max_failures: int = field(default=2, metadata={"help": "worker crashes survived by restarting from the last checkpoint"})
-    fault_at_step: int | None = field(default=None, metadata={"help": "testing only: raise in the workers at this optimiser step unless resumed", "metavar": "STEP"})
+    max_failures: int = field(
+        default=2, metadata={"help": "worker crashes survived by restarting from the last checkpoint"}
+    )
+    fault_at_step: int | None = field(
+        default=None,
+        metadata={
+            "help": "testing only: raise in the workers at this optimiser step unless resumed",
+            "metavar": "STEP",
+        },
+    )
 
     def __post_init__(self) -> None:
         _check_number("max_length", self.max_length, 8, integer=True)
@@ -331,9 +533,11 @@ class TrainConfig(ValidatedConfig):
         _check_choice("teacher_quantization", self.teacher_quantization, QUANTIZATIONS)
         _check_choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
         if self.workers > 1 and 0 < self.gpus_per_worker < 1:
-            raise SinkdError(f"workers={self.workers} with gpus_per_worker={self.gpus_per_worker}: fractional GPUs "
-                             "would put two NCCL ranks of one run on the same GPU, which NCCL refuses — use "
-                             "--gpus-per-worker 1 with several workers, or one worker per run to share GPUs")
+            raise SinkdError(
+                f"workers={self.workers} with gpus_per_worker={self.gpus_per_worker}: fractional GPUs "
+                "would put two NCCL ranks of one run on the same GPU, which NCCL refuses — use "
+                "--gpus-per-worker 1 with several workers, or one worker per run to share GPUs"
+            )
         if self.bf16 is not None:
             _check_bool("bf16", self.bf16)
         parse_resources(self.worker_resources)
@@ -351,11 +555,14 @@ class RunSpec:
     def __post_init__(self) -> None:
         workers, b = self.train.workers, self.distill.batch_size
         if b % workers:
-            raise SinkdError(f"batch_size={b} is not divisible by workers={workers} — the Sinkhorn batch b is "
-                             f"split evenly across workers; choose b as a multiple of {workers}")
+            raise SinkdError(
+                f"batch_size={b} is not divisible by workers={workers} — the Sinkhorn batch b is "
+                f"split evenly across workers; choose b as a multiple of {workers}"
+            )
         if self.distill.online_teacher and self.train.teacher_quantization:
-            raise SinkdError("--online-teacher trains LoRA modules on a full-precision teacher: drop "
-                             "--teacher-quantization")
+            raise SinkdError(
+                "--online-teacher trains LoRA modules on a full-precision teacher: drop --teacher-quantization"
+            )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {"train": self.train.to_dict(), "distill": self.distill.to_dict()}
@@ -374,17 +581,35 @@ class RunSpec:
             raise SinkdError(f"unknown setting(s) {unknown} — known: every DistillConfig and TrainConfig field")
         distill = {k: v for k, v in values.items() if k in distill_keys}
         train = {k: v for k, v in values.items() if k in train_keys}
-        return RunSpec(TrainConfig.from_dict({**self.train.to_dict(), **train}),
-                       DistillConfig.from_dict({**self.distill.to_dict(), **distill}))
+        return RunSpec(
+            TrainConfig.from_dict({**self.train.to_dict(), **train}),
+            DistillConfig.from_dict({**self.distill.to_dict(), **distill}),
+        )
 
 
 @dataclass
 class RuntimeConfig(ValidatedConfig):
     """Where a command's runs go: the storage and the Ray runtime (shared by `train`, `tune` and reproduce.py)."""
 
-    storage_path: str = field(default="./sinkd_runs", metadata={"help": "runs, checkpoints, teachers and caches (a local folder, or s3:// / gs:// shared by every node)", "metavar": "DIR"})
-    address: str | None = field(default=None, metadata={"help": "Ray cluster to run on (default: $RAY_ADDRESS, else a new local runtime)", "metavar": "ADDR"})
-    resources_wait: float | None = field(default=None, metadata={"help": "seconds to wait for an autoscaling cluster to provide the workers' resources before refusing (default: 0 on the local runtime this command starts, 600 on a cluster it attaches to)", "metavar": "S"})
+    storage_path: str = field(
+        default="./sinkd_runs",
+        metadata={
+            "help": "runs, checkpoints, teachers and caches (a local folder, or s3:// / gs:// shared by every node)",
+            "metavar": "DIR",
+        },
+    )
+    address: str | None = field(
+        default=None,
+        metadata={"help": "Ray cluster to run on (default: $RAY_ADDRESS, else a new local runtime)", "metavar": "ADDR"},
+    )
+    resources_wait: float | None = field(
+        default=None,
+        metadata={
+            "help": "seconds to wait for an autoscaling cluster to provide the workers' resources before refusing "
+            "(default: 0 on the local runtime this command starts, 600 on a cluster it attaches to)",
+            "metavar": "S",
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.resources_wait is not None:
@@ -395,24 +620,57 @@ class RuntimeConfig(ValidatedConfig):
 class StudyConfig(ValidatedConfig):
     """The study around the runs: search, scheduling, storage and tracking."""
 
-    search_space: str = field(default="default", metadata={"help": "search-space YAML: a path or a name in search_spaces/ (default, paper_grid)"})
-    num_trials: int | None = field(default=None, metadata={"help": "trials to run (default: 8 for TPE, the whole grid for a grid)", "metavar": "N"})
+    search_space: str = field(
+        default="default",
+        metadata={"help": "search-space YAML: a path or a name in search_spaces/ (default, paper_grid)"},
+    )
+    num_trials: int | None = field(
+        default=None, metadata={"help": "trials to run (default: 8 for TPE, the whole grid for a grid)", "metavar": "N"}
+    )
     max_concurrent_trials: int = field(default=1, metadata={"help": "trials running at the same time"})
-    grace_period: int = field(default=1, metadata={"help": "ASHA: evaluations every trial gets before it may be stopped"})
+    grace_period: int = field(
+        default=1, metadata={"help": "ASHA: evaluations every trial gets before it may be stopped"}
+    )
     reduction_factor: int = field(default=2, metadata={"help": "ASHA: keep the best 1/factor of trials at each rung"})
-    teacher_base: str = field(default="google-bert/bert-base-uncased", metadata={"help": "with no --teacher: the pretrained model fine-tuned (once, cached) as the teacher (a path, hub id, or offline:all-mpnet-base-v2)", "metavar": "PATH"})
+    teacher_base: str = field(
+        default="google-bert/bert-base-uncased",
+        metadata={
+            "help": "with no --teacher: the pretrained model fine-tuned (once, cached) as the teacher (a path, hub id, "
+            "or offline:all-mpnet-base-v2)",
+            "metavar": "PATH",
+        },
+    )
     teacher_epochs: int = field(default=3, metadata={"help": "epochs of the teacher's CE fine-tuning"})
     teacher_lr: float = field(default=3e-5, metadata={"help": "learning rate of the teacher's CE fine-tuning"})
-    tracking_uri: str | None = field(default=None, metadata={"help": "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db)", "metavar": "URI"})
+    tracking_uri: str | None = field(
+        default=None,
+        metadata={
+            "help": "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db)",
+            "metavar": "URI",
+        },
+    )
     experiment_name: str | None = field(default=None, metadata={"help": "MLflow experiment (default: sinkd-<task>)"})
-    name: str | None = field(default=None, metadata={"help": "study name (default: <task>-<time>; with --resume: the latest study of the task)"})
+    name: str | None = field(
+        default=None,
+        metadata={"help": "study name (default: <task>-<time>; with --resume: the latest study of the task)"},
+    )
     resume: bool = field(default=False, metadata={"help": "continue an interrupted study instead of starting one"})
     register: bool = field(default=True, metadata={"help": "register the best student in the MLflow Model Registry"})
-    ce_baseline: bool = field(default=False, metadata={"help": "after the study, train one CE-only student with the best trial's settings (α = β = γ = 0) and report how much of the teacher–student gap the best student closes"})
+    ce_baseline: bool = field(
+        default=False,
+        metadata={
+            "help": "after the study, train one CE-only student with the best trial's settings (α = β = γ = 0) and "
+            "report how much of the teacher–student gap the best student closes"
+        },
+    )
 
     def __post_init__(self) -> None:
-        for name, low in (("max_concurrent_trials", 1), ("grace_period", 1), ("reduction_factor", 2),
-                          ("teacher_epochs", 1)):
+        for name, low in (
+            ("max_concurrent_trials", 1),
+            ("grace_period", 1),
+            ("reduction_factor", 2),
+            ("teacher_epochs", 1),
+        ):
             _check_number(name, getattr(self, name), low, integer=True)
         if self.num_trials is not None:
             _check_number("num_trials", self.num_trials, 1, integer=True)
@@ -420,5 +678,3 @@ class StudyConfig(ValidatedConfig):
         _check_bool("resume", self.resume)
         _check_bool("register", self.register)
         _check_bool("ce_baseline", self.ce_baseline)
-
-

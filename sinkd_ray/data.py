@@ -86,12 +86,20 @@ _FORMATS: dict[str, _LocalFormat] = {
         "RTE", _GLUE_FILES, {"sentence1": "sentence1", "sentence2": "sentence2"}, "label", label_is_name=True
     ),
     "superglue-rte": _LocalFormat(
-        "RTE", _SUPERGLUE_FILES, {"premise": "premise", "hypothesis": "hypothesis"}, "label",
-        label_is_name=True, jsonl=True,
+        "RTE",
+        _SUPERGLUE_FILES,
+        {"premise": "premise", "hypothesis": "hypothesis"},
+        "label",
+        label_is_name=True,
+        jsonl=True,
     ),
     "cb": _LocalFormat(
-        "CB", _SUPERGLUE_FILES, {"premise": "premise", "hypothesis": "hypothesis"}, "label",
-        label_is_name=True, jsonl=True,
+        "CB",
+        _SUPERGLUE_FILES,
+        {"premise": "premise", "hypothesis": "hypothesis"},
+        "label",
+        label_is_name=True,
+        jsonl=True,
     ),
 }
 # Where users keep each benchmark below the data dir (the bare dir last: a GLUE `RTE/` there must not be
@@ -113,8 +121,13 @@ def _features(task: Task) -> datasets.Features:
 
 
 def _canonical_split(task: Task, split: str) -> str:
-    aliases = {"validation": "dev", "val": "dev", "dev_matched": "dev", "validation_matched": "dev",
-               "validation_mismatched": "dev_mismatched"}
+    aliases = {
+        "validation": "dev",
+        "val": "dev",
+        "dev_matched": "dev",
+        "validation_matched": "dev",
+        "validation_mismatched": "dev_mismatched",
+    }
     name = aliases.get(split, split)
     if name not in task.splits:
         raise SinkdError(f"unknown split {split!r} for task {task.name} — choose one of {', '.join(task.splits)}")
@@ -161,7 +174,9 @@ def _read_rows(path: Path, fmt: _LocalFormat) -> Iterator[tuple[int, dict | list
                     try:
                         yield line_no, json.loads(line)
                     except json.JSONDecodeError as err:
-                        raise SinkdError(f"{path}:{line_no} is not valid JSON ({err}) — is this a .jsonl file?") from err
+                        raise SinkdError(
+                            f"{path}:{line_no} is not valid JSON ({err}) — is this a .jsonl file?"
+                        ) from err
             return
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         if not fmt.has_header:
@@ -182,11 +197,13 @@ def _read_rows_checked(path: Path, fmt: _LocalFormat) -> Iterator[tuple[int, dic
     try:
         yield from _read_rows(path, fmt)
     except UnicodeDecodeError as err:
-        raise SinkdError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}) — is it the original "
-                         f"{fmt.folder} release file?") from None
+        raise SinkdError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}) — is it the original {fmt.folder} release file?"
+        ) from None
     except csv.Error as err:
-        raise SinkdError(f"{path} is not a readable tab-separated file ({err}) — is it the original "
-                         f"{fmt.folder} release file?") from None
+        raise SinkdError(
+            f"{path} is not a readable tab-separated file ({err}) — is it the original {fmt.folder} release file?"
+        ) from None
 
 
 def _label_parser(task: Task, fmt: _LocalFormat, path: Path) -> Callable[[object, int], int]:
@@ -219,8 +236,7 @@ def read_local_split(task: Task | str, split: str, data_dir: str | os.PathLike) 
         except (KeyError, IndexError):
             wanted = [*fmt.columns.values(), fmt.label_column]
             raise SinkdError(
-                f"{path}:{line_no} lacks a column among {wanted} — is this the original {fmt.folder} "
-                f"release file?"
+                f"{path}:{line_no} lacks a column among {wanted} — is this the original {fmt.folder} release file?"
             ) from None
         if any(v is None for v in values.values()) or raw_label is None:
             raise SinkdError(f"{path}:{line_no} has too few tab-separated fields — the row is damaged")
@@ -232,11 +248,15 @@ def read_local_split(task: Task | str, split: str, data_dir: str | os.PathLike) 
     # Built with an explicit fingerprint (the file's bytes): `from_dict` would hash the whole table through
     # dill, which is slow and, inside Ray workers, prints bytecode into the logs.
     features = _features(task)
-    table = pa.Table.from_pydict({**columns, "label": labels, "idx": list(range(len(labels)))},
-                                 schema=features.arrow_schema)
+    table = pa.Table.from_pydict(
+        {**columns, "label": labels, "idx": list(range(len(labels)))}, schema=features.arrow_schema
+    )
     key = json.dumps([task.name, split, hashlib.sha256(path.read_bytes()).hexdigest()])
-    return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features),
-                            fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
+    return datasets.Dataset(
+        InMemoryTable(table),
+        info=datasets.DatasetInfo(features=features),
+        fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16],
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- hub
@@ -247,10 +267,14 @@ def read_hub_split(task: Task | str, split: str) -> datasets.Dataset:
     hub_split = task.hub_split(split)
     if not hub_reachable():
         try:  # a copy in the datasets cache works offline
-            dataset = datasets.load_dataset(task.hub_id, task.hub_config, split=hub_split, download_mode="reuse_cache_if_exists")
+            dataset = datasets.load_dataset(
+                task.hub_id, task.hub_config, split=hub_split, download_mode="reuse_cache_if_exists"
+            )
         except Exception:
-            raise SinkdError(f"no network access to the Hugging Face hub to fetch {task.name} {split} ({task.hub_id})"
-                             f" — {_POINT_AT_LOCAL}") from None
+            raise SinkdError(
+                f"no network access to the Hugging Face hub to fetch {task.name} {split} ({task.hub_id})"
+                f" — {_POINT_AT_LOCAL}"
+            ) from None
         return _check_hub_split(task, dataset)
     try:
         dataset = datasets.load_dataset(task.hub_id, task.hub_config, split=hub_split)
@@ -297,8 +321,9 @@ def load_split(task: Task | str, split: str, data_dir: str | os.PathLike | None 
 
 
 # ------------------------------------------------------------------------------------------------ tokenising
-def tokenize_split(dataset: datasets.Dataset, task: Task | str, tokenizer, max_length: int,
-                   prompt: bool = False) -> datasets.Dataset:
+def tokenize_split(
+    dataset: datasets.Dataset, task: Task | str, tokenizer, max_length: int, prompt: bool = False
+) -> datasets.Dataset:
     """Token ids for every example: columns ``input_ids``, ``attention_mask`` (plus ``token_type_ids``
     when the tokenizer makes them), ``labels`` and ``idx``; no padding (that happens per batch).
 
@@ -312,8 +337,10 @@ def tokenize_split(dataset: datasets.Dataset, task: Task | str, tokenizer, max_l
 
     def encode(batch: dict) -> dict:
         if prompt:
-            texts = [task.template.format(**dict(zip(task.text_fields, values)))
-                     for values in zip(*(batch[f] for f in task.text_fields))]
+            texts = [
+                task.template.format(**dict(zip(task.text_fields, values)))
+                for values in zip(*(batch[f] for f in task.text_fields))
+            ]
             return tokenizer(texts, truncation=True, max_length=max_length)
         return tokenizer(*(batch[f] for f in task.text_fields), truncation=True, max_length=max_length)
 
@@ -323,15 +350,30 @@ def tokenize_split(dataset: datasets.Dataset, task: Task | str, tokenizer, max_l
     try:
         # An explicit fingerprint: otherwise `datasets` hashes the `encode` closure (tokenizer included)
         # through dill, which is slow and, inside Ray workers, prints the closure's bytecode.
-        key = json.dumps([dataset._fingerprint, task.name, getattr(tokenizer, "name_or_path", ""),
-                          len(tokenizer), max_length, prompt, task.template if prompt else ""])
-        tokenized = dataset.map(encode, batched=True, remove_columns=list(task.text_fields),
-                                desc=f"tokenizing {task.name}",
-                                new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
+        key = json.dumps(
+            [
+                dataset._fingerprint,
+                task.name,
+                getattr(tokenizer, "name_or_path", ""),
+                len(tokenizer),
+                max_length,
+                prompt,
+                task.template if prompt else "",
+            ]
+        )
+        tokenized = dataset.map(
+            encode,
+            batched=True,
+            remove_columns=list(task.text_fields),
+            desc=f"tokenizing {task.name}",
+            new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16],
+        )
     finally:
         tokenizer.truncation_side = previous_side
     tokenized = tokenized.rename_column("label", "labels")
-    keep = [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels", "idx") if c in tokenized.column_names]
+    keep = [
+        c for c in ("input_ids", "attention_mask", "token_type_ids", "labels", "idx") if c in tokenized.column_names
+    ]
     return tokenized.select_columns(keep)
 
 
@@ -350,8 +392,16 @@ class GlobalBatchSampler(Sampler[list[int]]):
     ``len()`` is the number of steps per epoch, equal on every rank.
     """
 
-    def __init__(self, num_examples: int, global_batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = True) -> None:
+    def __init__(
+        self,
+        num_examples: int,
+        global_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise SinkdError(f"rank {rank} of world size {world_size} is impossible — need 0 <= rank < world_size")
         if global_batch_size < 1 or global_batch_size % world_size:
@@ -370,8 +420,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.epoch = 0
 
     @classmethod
-    def for_eval(cls, num_examples: int, global_batch_size: int, rank: int = 0,
-                 world_size: int = 1) -> GlobalBatchSampler:
+    def for_eval(
+        cls, num_examples: int, global_batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> GlobalBatchSampler:
         """In-order, nothing dropped (the last batch padded to a multiple of W; see the class doc)."""
         return cls(num_examples, global_batch_size, rank, world_size, shuffle=False, drop_last=False)
 
@@ -395,7 +446,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         else:
             order = np.arange(self.num_examples)
         b = self.global_batch_size
-        batches = [order[i:i + b] for i in range(0, len(order), b)]
+        batches = [order[i : i + b] for i in range(0, len(order), b)]
         if batches and len(batches[-1]) < b:
             if self.drop_last:
                 batches.pop()
@@ -408,11 +459,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.global_batches():
             share = len(batch) // self.world_size
-            yield batch[self.rank * share:(self.rank + 1) * share].tolist()
+            yield batch[self.rank * share : (self.rank + 1) * share].tolist()
 
 
-def make_loader(tokenized: datasets.Dataset, tokenizer, batch_sampler: Sampler[list[int]],
-                num_workers: int = 0) -> DataLoader:
+def make_loader(
+    tokenized: datasets.Dataset, tokenizer, batch_sampler: Sampler[list[int]], num_workers: int = 0
+) -> DataLoader:
     """A DataLoader over ``tokenized`` that pads each batch to its longest sequence.
 
     Each batch: ``input_ids``, ``attention_mask`` (b/W × L, L the longest in the batch), ``labels`` (b/W),
@@ -428,5 +480,10 @@ def make_loader(tokenized: datasets.Dataset, tokenizer, batch_sampler: Sampler[l
     collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     # Its own generator: a DataLoader iterator otherwise draws a base seed from torch's global generator, which
     # would shift the dropout stream of a run resumed from a checkpoint against the uninterrupted run.
-    return DataLoader(tokenized, batch_sampler=batch_sampler, collate_fn=collator, num_workers=num_workers,
-                      generator=torch.Generator())
+    return DataLoader(
+        tokenized,
+        batch_sampler=batch_sampler,
+        collate_fn=collator,
+        num_workers=num_workers,
+        generator=torch.Generator(),
+    )

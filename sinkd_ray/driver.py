@@ -51,8 +51,12 @@ def preflight(spec: RunSpec, *, max_batch_size: int | None = None, teacher_pendi
     examples for one step (at the largest batch size a study may use). ``teacher_pending``: the teacher is yet to
     be fine-tuned. Returns the spec with local paths absolute. Reads only configs and the data files."""
     tcfg = spec.train
-    tcfg = replace(tcfg, student=_absolute_if_local(tcfg.student), teacher=_absolute_if_local(tcfg.teacher),
-                   data_dir=_absolute_if_local(tcfg.data_dir))
+    tcfg = replace(
+        tcfg,
+        student=_absolute_if_local(tcfg.student),
+        teacher=_absolute_if_local(tcfg.teacher),
+        data_dir=_absolute_if_local(tcfg.data_dir),
+    )
     task = get_task(tcfg.task)
     if tcfg.student is None:
         raise SinkdError("--student is required (a checkpoint, or a pretrained model with --student-layers K)")
@@ -61,8 +65,10 @@ def preflight(spec: RunSpec, *, max_batch_size: int | None = None, teacher_pendi
     student_config = load_config(tcfg.student)
     available = layer_count(student_config)
     if tcfg.student_layers and available is not None and tcfg.student_layers > available:
-        raise SinkdError(f"--student-layers {tcfg.student_layers}, but {tcfg.student} has only {available} layers "
-                         f"— choose K ≤ {available}")
+        raise SinkdError(
+            f"--student-layers {tcfg.student_layers}, but {tcfg.student} has only {available} layers "
+            f"— choose K ≤ {available}"
+        )
     if tcfg.teacher is not None:
         _check_teacher_head(load_config(tcfg.teacher), tcfg, task)
     train = load_split(task, "train", tcfg.data_dir)
@@ -70,23 +76,34 @@ def preflight(spec: RunSpec, *, max_batch_size: int | None = None, teacher_pendi
     usable = min(len(train), tcfg.max_train_examples or len(train))
     step = (max_batch_size or spec.distill.batch_size) * tcfg.grad_accum_steps
     if usable < step:
-        raise SinkdError(f"{usable} training examples give no full step of {step} (batch size × grad_accum_steps) "
-                         "— use more examples (--max-train-examples) or a smaller batch")
+        raise SinkdError(
+            f"{usable} training examples give no full step of {step} (batch size × grad_accum_steps) "
+            "— use more examples (--max-train-examples) or a smaller batch"
+        )
     return RunSpec(tcfg, spec.distill)
 
 
 def _check_teacher_head(config, tcfg: TrainConfig, task: Task) -> None:
     if not has_task_head(config, tcfg.family, task):
-        raise SinkdError(f"teacher '{tcfg.teacher}' is not a {task.name} classifier (architectures="
-                         f"{config.architectures}, num_labels={config.num_labels}) — fine-tune it first with "
-                         f"`python -m sinkd_ray.train --stage teacher --model {tcfg.teacher}`, or give it to "
-                         f"`python -m sinkd_ray.tune` as --teacher-base")
+        raise SinkdError(
+            f"teacher '{tcfg.teacher}' is not a {task.name} classifier (architectures="
+            f"{config.architectures}, num_labels={config.num_labels}) — fine-tune it first with "
+            f"`python -m sinkd_ray.train --stage teacher --model {tcfg.teacher}`, or give it to "
+            f"`python -m sinkd_ray.tune` as --teacher-base"
+        )
 
 
 # ------------------------------------------------------------------------------------------ the run's parts
-def prepare_run(spec: RunSpec, layout: StorageLayout, runtime: RuntimeConfig, *, teacher_base: str | None = None,
-                teacher_train: TrainConfig | None = None, max_batch_size: int | None = None,
-                trial_cpu: float = 0.0) -> PreparedRun:
+def prepare_run(
+    spec: RunSpec,
+    layout: StorageLayout,
+    runtime: RuntimeConfig,
+    *,
+    teacher_base: str | None = None,
+    teacher_train: TrainConfig | None = None,
+    max_batch_size: int | None = None,
+    trial_cpu: float = 0.0,
+) -> PreparedRun:
     """preflight → Ray runtime and resources → teacher (fine-tuned once from ``teacher_base`` when the spec has
     none; ``teacher_train``: its training settings) → its cached logits, shipped where workers read them.
     ``trial_cpu``: what a study's trial reserves beside its workers (Tune's trial actor)."""
@@ -99,8 +116,12 @@ def prepare_run(spec: RunSpec, layout: StorageLayout, runtime: RuntimeConfig, *,
     _, started = connect(runtime.address)
     tcfg = spec.train
     wait = runtime.resources_wait if runtime.resources_wait is not None else (0.0 if started else 600.0)
-    check_resources(worker_bundle(tcfg.cpus_per_worker, tcfg.gpus_per_worker, parse_resources(tcfg.worker_resources)),
-                    tcfg.workers, wait_s=wait, extra_cpu=trial_cpu)
+    check_resources(
+        worker_bundle(tcfg.cpus_per_worker, tcfg.gpus_per_worker, parse_resources(tcfg.worker_resources)),
+        tcfg.workers,
+        wait_s=wait,
+        extra_cpu=trial_cpu,
+    )
     if finetune:
         teacher = finetune_teacher(teacher_base, teacher_train or replace(tcfg, workers=1), layout, runtime)
         spec = RunSpec(replace(tcfg, teacher=str(teacher)), spec.distill)
@@ -115,8 +136,9 @@ def prepare_teacher_logits(spec: RunSpec, layout: StorageLayout) -> CachedTeache
     tcfg = spec.train
     if tcfg.teacher is None or tcfg.teacher_source != "cache" or spec.distill.online_teacher:
         return None
-    path, computed = cached_teacher_logits(logits_request(spec, "train"), layout.teacher_cache_dir,
-                                           compute=_logits_on_a_worker(tcfg))
+    path, computed = cached_teacher_logits(
+        logits_request(spec, "train"), layout.teacher_cache_dir, compute=_logits_on_a_worker(tcfg)
+    )
     print(f"teacher logits for {tcfg.task}/train: {'computed' if computed else 'reused'} ({path.name})", flush=True)
     if layout.remote:  # workers on other nodes cannot read the driver's disk: a few MB through the object store
         import ray
@@ -137,9 +159,18 @@ def logits_request(spec: RunSpec, split: str) -> LogitsRequest:
     tcfg = spec.train
     bf16 = _gpu_resolves_bf16(tcfg) if tcfg.gpus_per_worker else resolve_bf16(tcfg.bf16, torch.device("cpu"))
     dtype = {"auto": "bfloat16" if bf16 else "float32"}.get(tcfg.teacher_dtype, tcfg.teacher_dtype)
-    return LogitsRequest(teacher=tcfg.teacher, task=tcfg.task, split=split, data_dir=tcfg.data_dir,
-                         max_length=tcfg.max_length, logit_space=tcfg.logit_space,
-                         quantization=tcfg.teacher_quantization, bf16=bf16, family=tcfg.family, dtype=dtype)
+    return LogitsRequest(
+        teacher=tcfg.teacher,
+        task=tcfg.task,
+        split=split,
+        data_dir=tcfg.data_dir,
+        max_length=tcfg.max_length,
+        logit_space=tcfg.logit_space,
+        quantization=tcfg.teacher_quantization,
+        bf16=bf16,
+        family=tcfg.family,
+        dtype=dtype,
+    )
 
 
 def teacher_dev_score(spec: RunSpec, layout: StorageLayout) -> float:
@@ -148,16 +179,16 @@ def teacher_dev_score(spec: RunSpec, layout: StorageLayout) -> float:
     from transformers import AutoTokenizer
 
     from sinkd_ray.models import detect_family, label_token_ids, resolve_logit_space
+    from sinkd_ray.storage import localize
     from sinkd_ray.tasks import compute_metrics
     from sinkd_ray.teacher_cache import load_teacher_logits
-
-    from sinkd_ray.storage import localize
 
     tcfg, task = spec.train, get_task(spec.train.task)
     tcfg = replace(tcfg, teacher=localize(tcfg.teacher), data_dir=localize(tcfg.data_dir))
     spec = RunSpec(tcfg, spec.distill)
-    path, _ = cached_teacher_logits(logits_request(spec, "dev"), layout.teacher_cache_dir,
-                                    compute=_logits_on_a_worker(tcfg))
+    path, _ = cached_teacher_logits(
+        logits_request(spec, "dev"), layout.teacher_cache_dir, compute=_logits_on_a_worker(tcfg)
+    )
     logits = load_teacher_logits(path)
     family = detect_family(load_config(tcfg.teacher), tcfg.family)
     if resolve_logit_space(tcfg.logit_space, family) == "vocab":
@@ -176,8 +207,11 @@ def _resolve_model(path_or_name: str) -> str:
 def _gpu_task(tcfg: TrainConfig):
     import ray
 
-    return ray.remote(num_gpus=min(1.0, tcfg.gpus_per_worker), num_cpus=tcfg.cpus_per_worker,
-                      resources=parse_resources(tcfg.worker_resources) or None)
+    return ray.remote(
+        num_gpus=min(1.0, tcfg.gpus_per_worker),
+        num_cpus=tcfg.cpus_per_worker,
+        resources=parse_resources(tcfg.worker_resources) or None,
+    )
 
 
 def _gpu_resolves_bf16(tcfg: TrainConfig) -> bool:
@@ -255,18 +289,26 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str, name: str, callba
         resources["GPU"] = tcfg.gpus_per_worker
     return TorchTrainer(
         ray_worker,
-        train_loop_config={"spec": prepared.spec.to_dict(), "teacher_logits": prepared.teacher_logits,
-                           # 1.99 CPUs (room for a study's 0.01-CPU trial on a 2-core machine) still runs 2 threads
-                        "threads": max(1, round(tcfg.cpus_per_worker))},
-        scaling_config=ScalingConfig(num_workers=tcfg.workers, use_gpu=tcfg.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
+        train_loop_config={
+            "spec": prepared.spec.to_dict(),
+            "teacher_logits": prepared.teacher_logits,
+            # 1.99 CPUs (room for a study's 0.01-CPU trial on a 2-core machine) still runs 2 threads
+            "threads": max(1, round(tcfg.cpus_per_worker)),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=tcfg.workers, use_gpu=tcfg.gpus_per_worker > 0, resources_per_worker=resources
+        ),
         run_config=RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks,
+            name=name,
+            storage_path=storage_path,
+            callbacks=callbacks,
             # a worker group that cannot start is not retried forever (the resources were checked up front)
             failure_config=FailureConfig(max_failures=tcfg.max_failures, controller_failure_limit=2),
-            checkpoint_config=CheckpointConfig(num_to_keep=tcfg.checkpoints_to_keep,
-                                               checkpoint_score_attribute="dev_metric",
-                                               checkpoint_score_order="max"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=tcfg.checkpoints_to_keep,
+                checkpoint_score_attribute="dev_metric",
+                checkpoint_score_order="max",
+            ),
         ),
     )
 
@@ -279,9 +321,11 @@ def fit(trainer, run_dir: str):
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:
-        raise SinkdError(f"run {run_dir.rsplit('/', 1)[-1]} failed: {first_error_line(exc)} — worker logs under "
-                         f"{run_dir} and /tmp/ray/session_latest/logs; rerun the same command to resume from its "
-                         "last checkpoint") from exc
+        raise SinkdError(
+            f"run {run_dir.rsplit('/', 1)[-1]} failed: {first_error_line(exc)} — worker logs under "
+            f"{run_dir} and /tmp/ray/session_latest/logs; rerun the same command to resume from its "
+            "last checkpoint"
+        ) from exc
     failure = _read(run_dir, FAILURE_FILE)
     if failure is not None:
         raise SinkdError(json.loads(failure)["message"])
@@ -290,14 +334,17 @@ def fit(trainer, run_dir: str):
 
 def fit_run(prepared: PreparedRun, name: str, callbacks: list | None = None):
     """Fit one run named ``name`` under the storage root (an existing name resumes that run)."""
-    return fit(build_trainer(prepared, storage_path=prepared.layout.root, name=name, callbacks=callbacks),
-               prepared.layout.run_dir(name))
+    return fit(
+        build_trainer(prepared, storage_path=prepared.layout.root, name=name, callbacks=callbacks),
+        prepared.layout.run_dir(name),
+    )
 
 
 def first_error_line(exc: BaseException) -> str:
     """The most specific line of a (possibly nested) worker error."""
-    lines = [ln.strip() for ln in str(exc).splitlines()
-             if ln.strip() and not ln.strip().startswith(("File", "^", "..."))]
+    lines = [
+        ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(("File", "^", "..."))
+    ]
     errors = [ln for ln in lines if "Error:" in ln or "Error(" in ln]
     return (errors[-1] if errors else lines[-1] if lines else type(exc).__name__)[:300]
 
@@ -305,8 +352,11 @@ def first_error_line(exc: BaseException) -> str:
 def _fs(uri_or_path: str):
     import pyarrow.fs
 
-    return pyarrow.fs.FileSystem.from_uri(uri_or_path) if "://" in uri_or_path else \
-        (pyarrow.fs.LocalFileSystem(), uri_or_path)
+    return (
+        pyarrow.fs.FileSystem.from_uri(uri_or_path)
+        if "://" in uri_or_path
+        else (pyarrow.fs.LocalFileSystem(), uri_or_path)
+    )
 
 
 def _read(folder: str, name: str) -> str | None:
@@ -338,11 +388,17 @@ def _on_local_disk(item) -> bool:
 def best_checkpoint_dir(result, download_to: Path | None = None) -> Path:
     """The kept checkpoint with the best dev metric (``num_to_keep`` deletes the others), as a local folder:
     a checkpoint on remote storage is downloaded (into ``download_to``, else a new temporary folder)."""
-    ranked = sorted(((metrics.get("dev_metric", float("-inf")), ckpt) for ckpt, metrics in result.best_checkpoints),
-                    key=lambda pair: pair[0], reverse=True)
+    ranked = sorted(
+        ((metrics.get("dev_metric", float("-inf")), ckpt) for ckpt, metrics in result.best_checkpoints),
+        key=lambda pair: pair[0],
+        reverse=True,
+    )
     for _, ckpt in ranked:
-        local = Path(ckpt.path) if _on_local_disk(ckpt) else \
-            Path(ckpt.to_directory(str(download_to) if download_to else None))
+        local = (
+            Path(ckpt.path)
+            if _on_local_disk(ckpt)
+            else Path(ckpt.to_directory(str(download_to) if download_to else None))
+        )
         if (local / checkpoints.METRICS_FILE).is_file():  # a listed checkpoint whose files are gone is skipped
             return local
     raise SinkdError(f"the run under {result.path} left no checkpoint — see its worker logs")
@@ -360,12 +416,15 @@ def export_best(result, output_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- the teacher
 def teacher_run_spec(base: str, train: TrainConfig) -> RunSpec:
     """CE fine-tuning of ``base`` with the run's data, length and precision settings (one worker)."""
-    return RunSpec(replace(train, student=base, student_layers=None, teacher=None, fault_at_step=None),
-                   DistillConfig(alpha=0.0, beta=0.0, batch_size=32))
+    return RunSpec(
+        replace(train, student=base, student_layers=None, teacher=None, fault_at_step=None),
+        DistillConfig(alpha=0.0, beta=0.0, batch_size=32),
+    )
 
 
-def finetune_teacher(base: str, train: TrainConfig, layout: StorageLayout, runtime: RuntimeConfig,
-                     output_dir: Path | None = None) -> Path:
+def finetune_teacher(
+    base: str, train: TrainConfig, layout: StorageLayout, runtime: RuntimeConfig, output_dir: Path | None = None
+) -> Path:
     """Fine-tune ``base`` on the task with CE only, once: a finished teacher with the same inputs is reused.
 
     The folder name carries the base model's fingerprint and the training settings, so changing either
@@ -397,5 +456,8 @@ class PrintProgress(UserCallback):
 
 def print_progress(metrics: dict) -> None:
     comps = " ".join(f"{k[6:]}={v:.4f}" for k, v in metrics.items() if k.startswith("train_"))
-    print(f"epoch {metrics['epoch']:.2f} step {metrics['step']}: dev_metric={metrics['dev_metric']:.4f} "
-          f"{comps} examples/s={metrics['examples_per_s']:.1f}", flush=True)
+    print(
+        f"epoch {metrics['epoch']:.2f} step {metrics['step']}: dev_metric={metrics['dev_metric']:.4f} "
+        f"{comps} examples/s={metrics['examples_per_s']:.1f}",
+        flush=True,
+    )

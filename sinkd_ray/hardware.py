@@ -38,4 +38,5 @@ def describe_precision(setting: bool | None, device: torch.device) -> str:
     """One line for the start of a run, e.g. ``precision: bf16 autocast (auto: this CPU has AVX-512 BF16 / AMX)``."""
     use = resolve_bf16(setting, device)
     why = native_bf16(device)[1] if setting is None else ("--bf16" if setting else "--no-bf16")
-    return f"precision: {'bf16 autocast' if use else 'float32'} on {device.type} ({'auto: ' if setting is None else ''}{why})"
+    mode = "bf16 autocast" if use else "float32"
+    return f"precision: {mode} on {device.type} ({'auto: ' if setting is None else ''}{why})"

@@ -8,8 +8,10 @@ import os
 import socket
 from urllib.parse import urlparse
 
-OFFLINE_HINT = ("pass a local directory (save_pretrained / a GLUE copy via --data-dir), or an offline model: "
-                "offline:all-mpnet-base-v2, offline:all-minilm-l6-v2, offline:smollm2-135m")
+OFFLINE_HINT = (
+    "pass a local directory (save_pretrained / a GLUE copy via --data-dir), or an offline model: "
+    "offline:all-mpnet-base-v2, offline:all-minilm-l6-v2, offline:smollm2-135m"
+)
 
 
 @functools.lru_cache(maxsize=1)

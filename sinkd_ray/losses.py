@@ -34,6 +34,7 @@ On a vocabulary (d = 32k–50k) the batch-wise cost's O(b²·d) L1 distances dom
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 
@@ -181,10 +182,10 @@ def _exp_domain_backward(cost, us, vs, lam):
         qs.append(q)
         rs.append(r)
     # A Bᵀ = λ u_T v_Tᵀ + m Σ_t u_t q_tᵀ + n Σ_t r_t v_{t−1}ᵀ; the first term is the P∘1 part (λ divided out below)
-    left = torch.cat([lam * u_last.unsqueeze(-1), m * torch.movedim(us.flip(0), 0, -1),
-                      n * torch.stack(rs, dim=-1)], dim=-1)
-    right = torch.cat([v_last.unsqueeze(-1), torch.stack(qs, dim=-1),
-                       torch.movedim(vs[:-1].flip(0), 0, -1)], dim=-1)
+    left = torch.cat(
+        [lam * u_last.unsqueeze(-1), m * torch.movedim(us.flip(0), 0, -1), n * torch.stack(rs, dim=-1)], dim=-1
+    )
+    right = torch.cat([v_last.unsqueeze(-1), torch.stack(qs, dim=-1), torch.movedim(vs[:-1].flip(0), 0, -1)], dim=-1)
     grad = torch.matmul(left, right.transpose(-2, -1))
     grad.sub_((u_last.unsqueeze(-1) * v_last.unsqueeze(-2)).mul_(cost))
     return grad.mul_(kernel).div_(lam)
@@ -194,7 +195,8 @@ def _log_domain_backward(cost, alphas, betas, lam):
     """Same reverse pass as ``_exp_domain_backward`` with Q^t, R^t formed from the log scalings.
 
     Each step recomputes Q^t = m·exp(a_t 1ᵀ + 1 b_tᵀ − C/λ) and
-    R^t = n·exp(a_t 1ᵀ + 1 b_{t−1}ᵀ − C/λ) (entries ≤ 1, so no overflow whatever λ): 2T exponentials of the cost's size, memory O(nm + T(n+m)).
+    R^t = n·exp(a_t 1ᵀ + 1 b_{t−1}ᵀ − C/λ) (entries ≤ 1, so no overflow whatever λ): 2T exponentials of the
+    cost's size, memory O(nm + T(n+m)).
     """
     n, m = cost.shape[-2:]
     neg_cost = -cost / lam
@@ -248,20 +250,25 @@ def _check_sinkhorn_args(lam, n_iters, mass, grad, domain, cost) -> None:
     if cost.dim() < 2:
         raise SinkdError(f"a cost matrix needs shape (..., n, m), got {tuple(cost.shape)}")
     if mass == "batch" and cost.shape[-2] != cost.shape[-1]:
-        raise SinkdError(f"mass='batch' (unit marginals) needs a square cost, got {tuple(cost.shape)} — "
-                         f"use mass='unit'")
+        raise SinkdError(
+            f"mass='batch' (unit marginals) needs a square cost, got {tuple(cost.shape)} — use mass='unit'"
+        )
     if not lam > 0:
         raise SinkdError(f"sinkhorn lam={lam} must be > 0 — use e.g. 0.1 (the paper's λ)")
     if int(n_iters) != n_iters or n_iters < 1:
         raise SinkdError(f"sinkhorn n_iters={n_iters} must be an integer ≥ 1 — use e.g. 20 (the paper's T)")
-    for name, value, allowed in (("mass", mass, SINKHORN_MASSES), ("grad", grad, SINKHORN_GRADS),
-                                 ("domain", domain, SINKHORN_DOMAINS)):
+    for name, value, allowed in (
+        ("mass", mass, SINKHORN_MASSES),
+        ("grad", grad, SINKHORN_GRADS),
+        ("domain", domain, SINKHORN_DOMAINS),
+    ):
         if value not in allowed:
             raise SinkdError(f"sinkhorn {name}={value!r} is not one of {list(allowed)}")
 
 
-def sinkhorn_plan(cost: torch.Tensor, lam: float = 0.1, n_iters: int = 20, *, mass: str = "unit",
-                  domain: str = "auto") -> torch.Tensor:
+def sinkhorn_plan(
+    cost: torch.Tensor, lam: float = 0.1, n_iters: int = 20, *, mass: str = "unit", domain: str = "auto"
+) -> torch.Tensor:
     """Transport plan P after T Sinkhorn iterations with uniform marginals (not differentiated).
 
     P = diag(u_T) exp(−C/λ) diag(v_T), rows normalised first then columns, T times (as the released code).
@@ -277,8 +284,15 @@ def sinkhorn_plan(cost: torch.Tensor, lam: float = 0.1, n_iters: int = 20, *, ma
     return plan * cost.shape[-2] if mass == "batch" else plan
 
 
-def sinkhorn_cost(cost: torch.Tensor, lam: float = 0.1, n_iters: int = 20, *, mass: str = "unit",
-                  grad: str = "unrolled", domain: str = "auto") -> torch.Tensor:
+def sinkhorn_cost(
+    cost: torch.Tensor,
+    lam: float = 0.1,
+    n_iters: int = 20,
+    *,
+    mass: str = "unit",
+    grad: str = "unrolled",
+    domain: str = "auto",
+) -> torch.Tensor:
     """Sinkhorn transport cost ⟨P, C⟩ of each cost matrix, differentiable w.r.t. C (Eq. 18).
 
     Shapes: cost (..., n, m) -> (...,), float32 (float64 if cost is float64).
@@ -303,8 +317,15 @@ def sinkhorn_cost(cost: torch.Tensor, lam: float = 0.1, n_iters: int = 20, *, ma
     return value * cost.shape[-2] if mass == "batch" else value
 
 
-def sinkhorn_cost_with_marginals(cost: torch.Tensor, row_marginals: torch.Tensor, col_marginals: torch.Tensor,
-                                 lam: float = 0.1, n_iters: int = 20, *, grad: str = "unrolled") -> torch.Tensor:
+def sinkhorn_cost_with_marginals(
+    cost: torch.Tensor,
+    row_marginals: torch.Tensor,
+    col_marginals: torch.Tensor,
+    lam: float = 0.1,
+    n_iters: int = 20,
+    *,
+    grad: str = "unrolled",
+) -> torch.Tensor:
     """⟨P, C⟩ of each problem with given marginals a (rows) and b (columns), each summing to 1 (Eq. 10–12).
 
     Log-domain iterations, rows first as everywhere here: with f_0 … and g_0 = 0, for t = 1..T
@@ -318,7 +339,9 @@ def sinkhorn_cost_with_marginals(cost: torch.Tensor, row_marginals: torch.Tensor
     _check_sinkhorn_args(lam, n_iters, "unit", grad, "log", cost)
     cost, a, b = _compute_dtype(cost), _compute_dtype(row_marginals), _compute_dtype(col_marginals)
     if a.shape != cost.shape[:-1] or b.shape != cost.shape[:-2] + cost.shape[-1:]:
-        raise SinkdError(f"marginals {tuple(a.shape)} / {tuple(b.shape)} do not fit a cost of shape {tuple(cost.shape)}")
+        raise SinkdError(
+            f"marginals {tuple(a.shape)} / {tuple(b.shape)} do not fit a cost of shape {tuple(cost.shape)}"
+        )
     with torch.set_grad_enabled(grad == "unrolled" and torch.is_grad_enabled()):
         neg_cost = -cost / lam
         log_a, log_b = a.clamp_min(1e-30).log(), b.clamp_min(1e-30).log()
@@ -377,8 +400,9 @@ class _ChunkedCdist(torch.autograd.Function):
         return grad_x, grad_y, None, None
 
 
-def pairwise_distance(x: torch.Tensor, y: torch.Tensor, p: float = 1.0, *, chunked: bool | None = None,
-                      chunk_elements: int = 2**24) -> torch.Tensor:
+def pairwise_distance(
+    x: torch.Tensor, y: torch.Tensor, p: float = 1.0, *, chunked: bool | None = None, chunk_elements: int = 2**24
+) -> torch.Tensor:
     """D_ij = ‖x_i − y_j‖_p for x (n × d), y (m × d) -> (n × m), never materialising (n, m, d) at once.
 
     ``chunked=None`` picks torch.cdist's own backward on the CPU (in place, no buffer) and the chunked
@@ -416,9 +440,13 @@ def _columns_for_tail(probs: torch.Tensor, max_tail_mass: float, max_columns: in
         k = min(2 * k, max_columns)
 
 
-def vocabulary_support(teacher_probs: torch.Tensor, student_probs: torch.Tensor, *,
-                       max_tail_mass: float = SUPPORT_MAX_TAIL_MASS,
-                       max_columns: int | None = None) -> torch.Tensor | None:
+def vocabulary_support(
+    teacher_probs: torch.Tensor,
+    student_probs: torch.Tensor,
+    *,
+    max_tail_mass: float = SUPPORT_MAX_TAIL_MASS,
+    max_columns: int | None = None,
+) -> torch.Tensor | None:
     """The columns (vocabulary entries) `support_l1_cost` keeps; None if more than ``max_columns`` are needed.
 
     For each side x ∈ {teacher, student}, rank the columns by max_i x_ic and let k_x be the fewest leading ones
@@ -475,8 +503,9 @@ class _KeptColumnsAndTail(torch.autograd.Function):
         return grad.index_copy_(1, support, grad_out[:, :-1]), None
 
 
-def support_l1_cost(student_probs: torch.Tensor, teacher_probs: torch.Tensor,
-                    support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def support_l1_cost(
+    student_probs: torch.Tensor, teacher_probs: torch.Tensor, support: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """L1 cost between the distributions coarsened to a kept support U plus one tail bucket, and its error bound.
 
     With S_i = Σ_{c∉U} s_ic and T_j = Σ_{c∉U} t_jc the tail masses (student rows i, teacher rows j):
@@ -508,8 +537,14 @@ def support_l1_cost(student_probs: torch.Tensor, teacher_probs: torch.Tensor,
     return cost, slack
 
 
-def choose_batch_cost(teacher_probs: torch.Tensor, student_probs: torch.Tensor, *, p: float = 1.0,
-                      cost: str = "auto", max_tail_mass: float = SUPPORT_MAX_TAIL_MASS) -> torch.Tensor | None:
+def choose_batch_cost(
+    teacher_probs: torch.Tensor,
+    student_probs: torch.Tensor,
+    *,
+    p: float = 1.0,
+    cost: str = "auto",
+    max_tail_mass: float = SUPPORT_MAX_TAIL_MASS,
+) -> torch.Tensor | None:
     """The batch-wise cost `sinkhorn_loss` computes: None for the exact one, else the support to keep.
 
     ``cost="exact"``: C_ij = ‖s_i − t_j‖_p over all d columns, O(b²·d).
@@ -542,14 +577,26 @@ def _check_cost_size(elements: int, max_elements: int, what: str) -> None:
     if elements > max_elements:
         raise SinkdError(
             f"the {what} needs a cost of {elements:,} elements, over the limit of {max_elements:,} — "
-            f"use sinkhorn_variant='batch', a smaller batch, or raise sinkhorn_max_cost_elements if memory allows")
+            f"use sinkhorn_variant='batch', a smaller batch, or raise sinkhorn_max_cost_elements if memory allows"
+        )
 
 
-def sinkhorn_loss(teacher_probs: torch.Tensor, student_probs: torch.Tensor, *, lam: float = 0.1,
-                  n_iters: int = 20, p: float = 1.0, variant: str = "batch", mass: str = "unit",
-                  scale: float = 1.0, grad: str = "unrolled", domain: str = "auto",
-                  max_cost_elements: int = SINKHORN_MAX_COST_ELEMENTS, cost: str = "auto",
-                  max_tail_mass: float = SUPPORT_MAX_TAIL_MASS) -> torch.Tensor:
+def sinkhorn_loss(
+    teacher_probs: torch.Tensor,
+    student_probs: torch.Tensor,
+    *,
+    lam: float = 0.1,
+    n_iters: int = 20,
+    p: float = 1.0,
+    variant: str = "batch",
+    mass: str = "unit",
+    scale: float = 1.0,
+    grad: str = "unrolled",
+    domain: str = "auto",
+    max_cost_elements: int = SINKHORN_MAX_COST_ELEMENTS,
+    cost: str = "auto",
+    max_tail_mass: float = SUPPORT_MAX_TAIL_MASS,
+) -> torch.Tensor:
     """Sinkhorn distance between teacher and student probabilities, a scalar (float32 or float64).
 
     Inputs t = teacher_probs, s = student_probs, both (b × d), rows on the simplex (softmax(z/τ_SD)).
@@ -577,15 +624,19 @@ def sinkhorn_loss(teacher_probs: torch.Tensor, student_probs: torch.Tensor, *, l
     if variant not in SINKHORN_VARIANTS:
         raise SinkdError(f"sinkhorn variant={variant!r} is not one of {list(SINKHORN_VARIANTS)}")
     if teacher_probs.shape != student_probs.shape or teacher_probs.dim() != 2:
-        raise SinkdError(f"teacher and student probabilities must both be (b × d), got "
-                         f"{tuple(teacher_probs.shape)} and {tuple(student_probs.shape)}")
+        raise SinkdError(
+            f"teacher and student probabilities must both be (b × d), got "
+            f"{tuple(teacher_probs.shape)} and {tuple(student_probs.shape)}"
+        )
     if not (p >= 1 and math.isfinite(p)):
         raise SinkdError(f"sinkhorn p={p} must be a finite number ≥ 1 — use 1 (the paper's L1 cost)")
     if cost not in SINKHORN_COSTS:
         raise SinkdError(f"sinkhorn cost={cost!r} is not one of {list(SINKHORN_COSTS)}")
     if variant != "batch" and cost == "support":
-        raise SinkdError(f"sinkhorn cost='support' is for the batch-wise variant, not variant={variant!r} — "
-                         "use cost='auto' or 'exact'")
+        raise SinkdError(
+            f"sinkhorn cost='support' is for the batch-wise variant, not variant={variant!r} — "
+            "use cost='auto' or 'exact'"
+        )
     teacher, student = _compute_dtype(teacher_probs), _compute_dtype(student_probs)
     b, d = student.shape
     if variant == "batch":
@@ -611,8 +662,14 @@ def sinkhorn_loss(teacher_probs: torch.Tensor, student_probs: torch.Tensor, *, l
     return value * scale
 
 
-def released_sinkhorn_reference(teacher_probs: torch.Tensor, student_probs: torch.Tensor, *,
-                                lam: float = 0.1, n_iters: int = 20, scale: float = 0.001) -> torch.Tensor:
+def released_sinkhorn_reference(
+    teacher_probs: torch.Tensor,
+    student_probs: torch.Tensor,
+    *,
+    lam: float = 0.1,
+    n_iters: int = 20,
+    scale: float = 0.001,
+) -> torch.Tensor:
     """The authors' released batch-wise Sinkhorn loss, verbatim in algorithm (reference for tests/benchmarks).
 
     W = cdist(s, t, p=1), K = exp(−W/λ), T × (normalise rows, then columns) on the full (b × b) matrix, with
@@ -640,8 +697,9 @@ def _log_probs(logits: torch.Tensor, tau: float) -> torch.Tensor:
     return F.log_softmax(logits.reshape(-1, logits.shape[-1]) / tau, dim=-1)
 
 
-def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0, *,
-       tau_squared: bool = False) -> torch.Tensor:
+def kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0, *, tau_squared: bool = False
+) -> torch.Tensor:
     """Forward KL  (1/N) Σ_i Σ_c t_ic (log t_ic − log s_ic),  t = softmax(z_T/τ), s = softmax(z_S/τ)  (Eq. 19).
 
     Logits (..., d), all leading dims are samples (N of them). ``tau_squared=True`` multiplies by τ² (Hinton
@@ -663,8 +721,10 @@ def js(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 
     """Jensen–Shannon  (1/N) Σ_i [½ KL(t_i ‖ m_i) + ½ KL(s_i ‖ m_i)],  m = (t + s)/2;  in [0, log 2]."""
     log_s, log_t = _log_probs(student_logits, tau), _log_probs(teacher_logits, tau)
     log_m = torch.logaddexp(log_s, log_t) - math.log(2.0)
-    return 0.5 * (F.kl_div(log_m, log_t, reduction="batchmean", log_target=True)
-                  + F.kl_div(log_m, log_s, reduction="batchmean", log_target=True))
+    return 0.5 * (
+        F.kl_div(log_m, log_t, reduction="batchmean", log_target=True)
+        + F.kl_div(log_m, log_s, reduction="batchmean", log_target=True)
+    )
 
 
 def tvd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -679,8 +739,9 @@ def ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def ranking_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int = 5, margin: float = 0.1,
-                 kind: str = "hinge") -> torch.Tensor:
+def ranking_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int = 5, margin: float = 0.1, kind: str = "hinge"
+) -> torch.Tensor:
     """Pairwise ranking loss on the teacher's top-k entries (the rank-consistency term of RLKD, Peng & Zhang 2025).
 
     For each sample i, π_1 … π_k are the indices of the teacher's k largest logits in decreasing order

@@ -52,12 +52,39 @@ QUANTIZATIONS = (None, "8bit", "4bit")
 META_FILE = "sinkd_logit_model.json"
 
 _ENCODER_TYPES = {
-    "bert", "roberta", "xlm-roberta", "electra", "mpnet", "deberta", "deberta-v2", "distilbert", "albert",
-    "camembert", "modernbert",
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "electra",
+    "mpnet",
+    "deberta",
+    "deberta-v2",
+    "distilbert",
+    "albert",
+    "camembert",
+    "modernbert",
 }
 _DECODER_TYPES = {
-    "gpt2", "gpt_neo", "gptj", "gpt_neox", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
-    "phi", "phi3", "olmo", "olmo2", "granite", "smollm3", "opt", "bloom", "falcon",
+    "gpt2",
+    "gpt_neo",
+    "gptj",
+    "gpt_neox",
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "phi",
+    "phi3",
+    "olmo",
+    "olmo2",
+    "granite",
+    "smollm3",
+    "opt",
+    "bloom",
+    "falcon",
 }
 
 # Where the transformer layers live (relative to ``hf_model.base_model``) and which config field counts them;
@@ -65,8 +92,9 @@ _DECODER_TYPES = {
 _LLAMA_STYLE = (("layers", "num_hidden_layers", None),)
 _BERT_STYLE = (("encoder.layer", "num_hidden_layers", None),)
 _LAYER_STACKS: dict[str, tuple[tuple[str, str, str | None], ...]] = {
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "mpnet", "deberta", "deberta-v2", "camembert"],
-                    _BERT_STYLE),
+    **dict.fromkeys(
+        ["bert", "roberta", "xlm-roberta", "electra", "mpnet", "deberta", "deberta-v2", "camembert"], _BERT_STYLE
+    ),
     "distilbert": (("transformer.layer", "n_layers", None),),
     "t5": (("encoder.block", "num_layers", "num_layers"), ("decoder.block", "num_decoder_layers", "num_layers")),
     "mt5": (("encoder.block", "num_layers", "num_layers"), ("decoder.block", "num_decoder_layers", "num_layers")),
@@ -74,8 +102,10 @@ _LAYER_STACKS: dict[str, tuple[tuple[str, str, str | None], ...]] = {
     "gpt2": (("h", "n_layer", None),),
     "gptj": (("h", "n_layer", None),),
     "gpt_neox": _LLAMA_STYLE,
-    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite",
-                     "smollm3"], _LLAMA_STYLE),
+    **dict.fromkeys(
+        ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite", "smollm3"],
+        _LLAMA_STYLE,
+    ),
 }
 # Per-layer config lists that must shrink with the stack (else the config no longer validates on reload).
 _PER_LAYER_CONFIG_LISTS = ("layer_types", "attention_layers")
@@ -83,7 +113,8 @@ _PER_LAYER_CONFIG_LISTS = ("layer_types", "attention_layers")
 
 def _not_found(path_or_id: str | Path) -> SinkdError:
     return SinkdError(
-        f"model path '{path_or_id}' not found — pass a local directory with config.json, or a hub id with network access"
+        f"model path '{path_or_id}' not found — pass a local directory with config.json, an offline:<name> model, "
+        "or a hub id with network access"
     )
 
 
@@ -122,7 +153,7 @@ def detect_family(config: Any, family: str | None = None) -> str:
 
 
 def resolve_logit_space(setting: str | None, family: str) -> str | None:
-    """"paper" → the paper's choice for the family (Sec. 5.4: generative models distil their vocabulary-level
+    """ "paper" → the paper's choice for the family (Sec. 5.4: generative models distil their vocabulary-level
     distributions, encoders their class head); "label" / "vocab" / None (a saved model's own) unchanged."""
     if setting == "paper":
         return "label" if family == "encoder" else "vocab"
@@ -143,7 +174,7 @@ def label_token_ids(tokenizer: Any, words: tuple[str, ...] | list[str], family: 
     """
     if family not in ("encoder-decoder", "decoder"):
         raise SinkdError(f"label words are only used by generative models, not by the '{family}' family")
-    trailing_space = template[len(template.rstrip()):]
+    trailing_space = template[len(template.rstrip()) :]
     context = "Answer:" + trailing_space
     ids = []
     for word in words:
@@ -223,11 +254,15 @@ class LogitModel(nn.Module):
         if logit_space not in LOGIT_SPACES:
             raise SinkdError(f"logit_space '{logit_space}' is unknown — use 'label' or 'vocab'")
         if family == "encoder" and logit_space == "vocab":
-            raise SinkdError("logit_space='vocab' needs a generative model (encoder-decoder or decoder) — "
-                             "an encoder has only its classification head: use logit_space='label'")
+            raise SinkdError(
+                "logit_space='vocab' needs a generative model (encoder-decoder or decoder) — "
+                "an encoder has only its classification head: use logit_space='label'"
+            )
         if family != "encoder" and logit_space == "label" and not label_words:
-            raise SinkdError(f"a {family} model needs the task's verbalizer (label words) for label logits — "
-                             "give the task a verbalizer or use logit_space='vocab'")
+            raise SinkdError(
+                f"a {family} model needs the task's verbalizer (label words) for label logits — "
+                "give the task a verbalizer or use logit_space='vocab'"
+            )
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.family = family
@@ -305,8 +340,12 @@ class LogitModel(nn.Module):
         """
         position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
         last = answer_positions(attention_mask)
-        common = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                  "use_cache": False}
+        common = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "use_cache": False,
+        }
         if self._per_row_logits_to_keep:
             # the LM head (d_model × V) runs at one position per row instead of all L
             logits = self.hf_model(**common, logits_to_keep=last[:, None]).logits
@@ -325,9 +364,12 @@ class LogitModel(nn.Module):
         return path
 
     def _meta(self) -> dict:
-        return {"family": self.family, "logit_space": self.logit_space,
-                "label_words": list(self.label_words) if self.label_words else None,
-                "label_token_ids": self.label_token_ids.tolist()}
+        return {
+            "family": self.family,
+            "logit_space": self.logit_space,
+            "label_words": list(self.label_words) if self.label_words else None,
+            "label_token_ids": self.label_token_ids.tolist(),
+        }
 
     def save_pretrained(self, path: str | Path, state_dict: dict | None = None, **kwargs: Any) -> Path:
         """Write model (safetensors) + tokenizer + `META_FILE` so that `load_student(path, task)` rebuilds it.
@@ -429,7 +471,9 @@ def _quantization_config(quantization: str | None, family: str, dtype: torch.dty
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype or torch.float32,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype or torch.float32,
         llm_int8_skip_modules=skip,
     )
 
@@ -437,7 +481,8 @@ def _quantization_config(quantization: str | None, family: str, dtype: torch.dty
 def _keep_narrow_4bit_layers_on_generic_kernel(model: torch.nn.Module) -> None:
     """bitsandbytes' AVX512-BF16 CPU kernel repacks nf4 weights per 64-value block of each input row and fails
     ("shape '[N, 0]' is invalid") when a layer's input width is not a multiple of the block size. Such layers
-    (small models; real checkpoints are 64-aligned) go to bitsandbytes' generic kernel instead, which takes any width."""
+    (small models; real checkpoints are 64-aligned) go to bitsandbytes' generic kernel instead, which takes any
+    width."""
     for module in model.modules():
         quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
         fast_kernel = getattr(module, "support_avx512bf16_for_cpu", False)
@@ -480,8 +525,10 @@ def _load_logit_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise SinkdError(f"no tokenizer could be loaded from '{path_or_id}' ({err}) — save the tokenizer "
-                         "beside the weights (tokenizer.save_pretrained)") from err
+        raise SinkdError(
+            f"no tokenizer could be loaded from '{path_or_id}' ({err}) — save the tokenizer "
+            "beside the weights (tokenizer.save_pretrained)"
+        ) from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise SinkdError(f"the tokenizer of '{path_or_id}' has neither a pad nor an eos token — add a pad token")
@@ -501,26 +548,38 @@ def _load_logit_model(
         with _quiet_transformers():
             hf_model, info = auto_class.from_pretrained(source, output_loading_info=True, **kwargs)
     except ImportError as err:  # bitsandbytes / accelerate missing for quantization
-        raise SinkdError(f"quantization='{quantization}' cannot load ({err}) — "
-                         "pip install bitsandbytes accelerate, or pass quantization=None") from err
+        raise SinkdError(
+            f"quantization='{quantization}' cannot load ({err}) — "
+            "pip install bitsandbytes accelerate, or pass quantization=None"
+        ) from err
     except (OSError, ValueError, RuntimeError) as err:
-        raise SinkdError(f"cannot load '{path_or_id}' as a {family} model ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}) — check the path and family=") from err
+        raise SinkdError(
+            f"cannot load '{path_or_id}' as a {family} model ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}) — check the path and family="
+        ) from err
     _log_loading_info(info, path_or_id, role)
     if quantization == "4bit":
         _keep_narrow_4bit_layers_on_generic_kernel(hf_model)
     label_words = tuple(getattr(task, "verbalizer", None) or ()) or None
     if meta.get("label_words") and label_words and list(label_words) != meta["label_words"]:
-        logger.warning("'%s' was saved with label words %s; using task '%s' words %s",
-                       path_or_id, meta["label_words"], getattr(task, "name", "?"), list(label_words))
+        logger.warning(
+            "'%s' was saved with label words %s; using task '%s' words %s",
+            path_or_id,
+            meta["label_words"],
+            getattr(task, "name", "?"),
+            list(label_words),
+        )
     return LogitModel(hf_model, tokenizer, family, logit_space, label_words, getattr(task, "template", "") or "")
 
 
 def _auto_class(family: str):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-    return {"encoder": AutoModelForSequenceClassification, "encoder-decoder": AutoModelForSeq2SeqLM,
-            "decoder": AutoModelForCausalLM}[family]
+    return {
+        "encoder": AutoModelForSequenceClassification,
+        "encoder-decoder": AutoModelForSeq2SeqLM,
+        "decoder": AutoModelForCausalLM,
+    }[family]
 
 
 def hf_model_from_config(folder: str | Path) -> nn.Module:
@@ -575,12 +634,20 @@ def _log_loading_info(info: dict, path_or_id: str | Path, role: str) -> None:
         head = all(k.split(".")[0] in ("classifier", "score", "pre_classifier") for k in missing)
         what = "a new classification head" if head else f"{len(missing)} newly initialised tensors"
         level = logging.WARNING if (role == "teacher" or not head) else logging.INFO
-        logger.log(level, "%s '%s': %s (%s)%s", role, path_or_id, what, ", ".join(missing[:4]) +
-                   (", …" if len(missing) > 4 else ""), " — fine-tune the teacher first" if role == "teacher" else "")
+        logger.log(
+            level,
+            "%s '%s': %s (%s)%s",
+            role,
+            path_or_id,
+            what,
+            ", ".join(missing[:4]) + (", …" if len(missing) > 4 else ""),
+            " — fine-tune the teacher first" if role == "teacher" else "",
+        )
     unexpected = info.get("unexpected_keys") or ()
     if unexpected:
-        logger.info("%s '%s': %d checkpoint tensors not used (e.g. a pre-training head)", role, path_or_id,
-                    len(unexpected))
+        logger.info(
+            "%s '%s': %d checkpoint tensors not used (e.g. a pre-training head)", role, path_or_id, len(unexpected)
+        )
 
 
 def load_teacher(
@@ -600,8 +667,16 @@ def load_teacher(
     checkpoint's own, transformers' "auto"). ``logit_space``: "label" (default, or what a saved sinkd model
     recorded) or "vocab".
     """
-    model = _load_logit_model(path_or_id, task, family=family, logit_space=logit_space, role="teacher",
-                              dtype=dtype, quantization=quantization, device=device)
+    model = _load_logit_model(
+        path_or_id,
+        task,
+        family=family,
+        logit_space=logit_space,
+        role="teacher",
+        dtype=dtype,
+        quantization=quantization,
+        device=device,
+    )
     model.requires_grad_(False)
     model.frozen = True
     if quantization is None and device is not None:
@@ -627,8 +702,9 @@ def load_student(
     For T5, k applies to the encoder and the decoder stack each. A directory written by
     `LogitModel.save_pretrained` reloads with its saved family and logit space.
     """
-    model = _load_logit_model(path_or_id, task, family=family, logit_space=logit_space, role="student",
-                              dtype=torch.float32)
+    model = _load_logit_model(
+        path_or_id, task, family=family, logit_space=logit_space, role="student", dtype=torch.float32
+    )
     if num_layers is not None:
         truncate_layers(model.hf_model, num_layers)
     return model.train()
@@ -659,8 +735,14 @@ def load_student_skeleton(folder: str | Path, task: Task) -> LogitModel:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     label_words = tuple(getattr(task, "verbalizer", None) or ()) or None
-    model = LogitModel(hf_model_from_config(folder), tokenizer, meta["family"], meta["logit_space"], label_words,
-                       getattr(task, "template", "") or "")
+    model = LogitModel(
+        hf_model_from_config(folder),
+        tokenizer,
+        meta["family"],
+        meta["logit_space"],
+        label_words,
+        getattr(task, "template", "") or "",
+    )
     return model.train()
 
 
@@ -679,8 +761,10 @@ def truncate_layers(hf_model: nn.Module, num_layers: int) -> nn.Module:
     for module_path, _, _ in found:
         available = len(base.get_submodule(module_path))
         if num_layers > available:
-            raise SinkdError(f"num_layers={num_layers} but '{module_path}' has only {available} layers — "
-                             f"pass num_layers ≤ {available}")
+            raise SinkdError(
+                f"num_layers={num_layers} but '{module_path}' has only {available} layers — "
+                f"pass num_layers ≤ {available}"
+            )
     original = None
     for module_path, config_field, stack_field in found:
         layers = base.get_submodule(module_path)
@@ -710,13 +794,16 @@ def transformer_layers(hf_model: nn.Module) -> list[nn.Module]:
     """
     if hf_model.config.model_type in _LAYER_STACKS:
         base = hf_model.base_model
-        return [layer for path, _, _ in _layer_stacks(hf_model, "find the layers of")
-                for layer in base.get_submodule(path)]
+        return [
+            layer for path, _, _ in _layer_stacks(hf_model, "find the layers of") for layer in base.get_submodule(path)
+        ]
     layer_classes = set(getattr(hf_model, "_no_split_modules", None) or ())
     layers = [m for m in hf_model.modules() if type(m).__name__ in layer_classes]
     if not layers:
-        raise SinkdError(f"cannot find the transformer layers of model_type '{hf_model.config.model_type}' — "
-                         f"supported: {', '.join(sorted(_LAYER_STACKS))}")
+        raise SinkdError(
+            f"cannot find the transformer layers of model_type '{hf_model.config.model_type}' — "
+            f"supported: {', '.join(sorted(_LAYER_STACKS))}"
+        )
     return layers
 
 
@@ -725,10 +812,13 @@ def _layer_stacks(hf_model: nn.Module, action: str) -> list[tuple[str, str, str 
     model_type = hf_model.config.model_type
     stacks = _LAYER_STACKS.get(model_type)
     if stacks is None:
-        raise SinkdError(f"cannot {action} model_type '{model_type}' — supported: "
-                         f"{', '.join(sorted(_LAYER_STACKS))}; or pass a smaller checkpoint without num_layers")
-    found = [(path, field, stack_field) for path, field, stack_field in stacks
-             if _has_submodule(hf_model.base_model, path)]
+        raise SinkdError(
+            f"cannot {action} model_type '{model_type}' — supported: "
+            f"{', '.join(sorted(_LAYER_STACKS))}; or pass a smaller checkpoint without num_layers"
+        )
+    found = [
+        (path, field, stack_field) for path, field, stack_field in stacks if _has_submodule(hf_model.base_model, path)
+    ]
     if not found:
         raise SinkdError(f"no layer stack found in the {type(hf_model).__name__} model — cannot {action} it")
     return found
@@ -753,8 +843,18 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 # Files that decide a saved model's logits: config, weights, tokenizer, and our family / label-word record.
-_FINGERPRINT_FILES = ("config.json", META_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                      "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "tokenizer.model")
+_FINGERPRINT_FILES = (
+    "config.json",
+    META_FILE,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "tokenizer.model",
+)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".safetensors.index.json", ".bin.index.json")
 
 
@@ -773,8 +873,11 @@ def model_fingerprint(path_or_model: str | Path | nn.Module) -> str:
     directory = Path(_resolve_source(path_or_model) if is_offline_name(path_or_model) else path_or_model).expanduser()
     if not directory.is_dir():
         directory = _hub_cache_dir(path_or_model)
-    files = sorted(f for f in directory.iterdir()
-                   if f.is_file() and (f.name in _FINGERPRINT_FILES or f.name.endswith(_WEIGHT_SUFFIXES)))
+    files = sorted(
+        f
+        for f in directory.iterdir()
+        if f.is_file() and (f.name in _FINGERPRINT_FILES or f.name.endswith(_WEIGHT_SUFFIXES))
+    )
     if not any(f.name.endswith(_WEIGHT_SUFFIXES) for f in files):
         raise SinkdError(f"no weight files in '{path_or_model}' — pass a directory written by save_pretrained")
     # Re-hashing a 400 MB teacher on every call is wasteful: reuse the digest while names, sizes and mtimes hold.

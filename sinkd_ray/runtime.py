@@ -39,9 +39,11 @@ def connect(address: str | None = None) -> tuple[str, bool]:
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as err:
-            raise SinkdError(f"cannot reach the Ray cluster at {address} ({str(err).splitlines()[0][:120]}) — start "
-                             f"it (ray start --head / ray up) or drop --address and unset {ADDRESS_ENV} to run "
-                             "locally") from None
+            raise SinkdError(
+                f"cannot reach the Ray cluster at {address} ({str(err).splitlines()[0][:120]}) — start "
+                f"it (ray start --head / ray up) or drop --address and unset {ADDRESS_ENV} to run "
+                "locally"
+            ) from None
         started = False
     else:
         # Ray 2.60 cannot bind a local runtime to loopback: ray.init resolves 127.0.0.1 to the node's address and
@@ -51,8 +53,13 @@ def connect(address: str | None = None) -> tuple[str, bool]:
         # The dashboard is required (Ray Train's placement-group cleaner queries its state API), on a free port.
         # address="local": always a new runtime of our own. Without an address ray.init would join whichever
         # cluster `ray start` last wrote to /tmp/ray/ray_current_cluster — e.g. another study's.
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env,
-                 log_to_driver=True)
+        ray.init(
+            address="local",
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            runtime_env=runtime_env,
+            log_to_driver=True,
+        )
         started = True
     gcs = ray.get_runtime_context().gcs_address
     os.environ[ADDRESS_ENV] = gcs  # this process and its subprocesses
@@ -76,8 +83,9 @@ def fits_now(bundle: dict[str, float], count: int, extra_cpu: float = 0.0) -> bo
         if not node.get("Alive"):
             continue
         total = node.get("Resources", {})
-        per_node = min((int(total.get(k, 0.0) / v + 1e-9) if v > 0 else count for k, v in bundle.items()),
-                       default=count)
+        per_node = min(
+            (int(total.get(k, 0.0) / v + 1e-9) if v > 0 else count for k, v in bundle.items()), default=count
+        )
         capacity += per_node
         spare_cpu = max(spare_cpu, total.get("CPU", 0.0) - min(per_node, count) * bundle.get("CPU", 0.0))
     return capacity >= count and spare_cpu + 1e-9 >= extra_cpu
@@ -95,11 +103,16 @@ def check_resources(bundle: dict[str, float], count: int, *, wait_s: float, extr
     have = {k: v for k, v in ray.cluster_resources().items() if k in bundle or k in ("CPU", "GPU")}
     need = f"{count} worker(s) × {bundle}" + (f" + {extra_cpu} CPU for the trial itself" if extra_cpu else "")
     if wait_s <= 0:
-        raise SinkdError(f"this Ray cluster cannot place {need} (it has {have}) — lower --workers / "
-                         "--cpus-per-worker / --gpus-per-worker (e.g. 1.99 CPUs on 2 cores: still 2 threads), or "
-                         "run on a cluster with those resources")
-    print(f"waiting up to {wait_s:.0f} s for the cluster to provide {need} (it has {have} now; "
-          f"--resources-wait to change)", flush=True)
+        raise SinkdError(
+            f"this Ray cluster cannot place {need} (it has {have}) — lower --workers / "
+            "--cpus-per-worker / --gpus-per-worker (e.g. 1.99 CPUs on 2 cores: still 2 threads), or "
+            "run on a cluster with those resources"
+        )
+    print(
+        f"waiting up to {wait_s:.0f} s for the cluster to provide {need} (it has {have} now; "
+        f"--resources-wait to change)",
+        flush=True,
+    )
     bundles = [dict(bundle) for _ in range(count)] + ([{"CPU": extra_cpu}] if extra_cpu else [])
     group = placement_group(bundles, strategy="PACK")
     try:
@@ -107,5 +120,7 @@ def check_resources(bundle: dict[str, float], count: int, *, wait_s: float, extr
     finally:
         remove_placement_group(group)
     if not ready:
-        raise SinkdError(f"after {wait_s:.0f} s the cluster still cannot place {need} — check the node types and "
-                         "max_workers of the cluster, or lower the request")
+        raise SinkdError(
+            f"after {wait_s:.0f} s the cluster still cannot place {need} — check the node types and "
+            "max_workers of the cluster, or lower the request"
+        )

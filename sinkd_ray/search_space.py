@@ -35,8 +35,16 @@ SEARCH_SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 KINDS = ("uniform", "loguniform", "int", "choice")
 # Training fields a study file may set; the rest (models, paths, workers) come from the command line.
 # logit_space is never searched in practice, but the paper preset fixes it ("paper": vocabulary for generative models).
-TUNABLE_TRAIN_FIELDS = ("lr", "epochs", "warmup_ratio", "weight_decay", "max_grad_norm", "grad_accum_steps",
-                        "max_length", "logit_space")
+TUNABLE_TRAIN_FIELDS = (
+    "lr",
+    "epochs",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "grad_accum_steps",
+    "max_length",
+    "logit_space",
+)
 _DISTILL_FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
 _TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name in TUNABLE_TRAIN_FIELDS}
 KNOWN_KEYS = tuple(sorted(set(_DISTILL_FIELDS) | set(_TRAIN_FIELDS)))
@@ -80,8 +88,10 @@ class SearchSpace:
     def split(self, params: dict[str, Any]) -> tuple[dict, dict]:
         """Divide ``fixed`` + sampled ``params`` into (DistillConfig overrides, TrainConfig overrides)."""
         merged = {**self.fixed, **params}
-        return ({k: v for k, v in merged.items() if k in _DISTILL_FIELDS},
-                {k: v for k, v in merged.items() if k in _TRAIN_FIELDS})
+        return (
+            {k: v for k, v in merged.items() if k in _DISTILL_FIELDS},
+            {k: v for k, v in merged.items() if k in _TRAIN_FIELDS},
+        )
 
 
 def resolve_path(name_or_path: str) -> Path:
@@ -149,8 +159,9 @@ def load_search_space(name_or_path: str, task: str | None = None) -> SearchSpace
         raise SinkdError(f"{where}: expected a mapping with 'search' and 'fixed', got {type(raw).__name__}")
     unknown = set(raw) - {"sampler", "search", "fixed", "tasks", "description"}
     if unknown:
-        raise SinkdError(f"{where}: unknown top-level key(s) {sorted(unknown)} — allowed: sampler, search, fixed, "
-                         f"tasks, description")
+        raise SinkdError(
+            f"{where}: unknown top-level key(s) {sorted(unknown)} — allowed: sampler, search, fixed, tasks, description"
+        )
     sampler = raw.get("sampler", "tpe")
     if sampler not in ("tpe", "grid"):
         raise SinkdError(f"{where}: sampler '{sampler}' — use 'tpe' or 'grid'")

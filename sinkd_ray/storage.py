@@ -46,8 +46,9 @@ class StorageLayout:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise SinkdError(f"--storage-path {storage_path} cannot be created ({err.strerror}) — choose a "
-                             "writable folder") from None
+            raise SinkdError(
+                f"--storage-path {storage_path} cannot be created ({err.strerror}) — choose a writable folder"
+            ) from None
         if not os.access(path, os.W_OK | os.X_OK):
             raise SinkdError(f"--storage-path {storage_path} is not writable — choose a writable folder")
         return cls(str(path))
@@ -163,15 +164,21 @@ def localize(path_or_uri: str | None) -> str | None:
 
     import pyarrow.fs
 
-    dest = cache_root() / "inputs" / hashlib.sha256(path_or_uri.encode()).hexdigest()[:16] / path_or_uri.rsplit("/", 1)[-1]
+    dest = (
+        cache_root() / "inputs" / hashlib.sha256(path_or_uri.encode()).hexdigest()[:16] / path_or_uri.rsplit("/", 1)[-1]
+    )
     if not (dest.parent / ".complete").exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=dest.parent))
         try:
             source_fs, source = pyarrow.fs.FileSystem.from_uri(path_or_uri)
             (staging / dest.name).mkdir()
-            pyarrow.fs.copy_files(source, str(staging / dest.name), source_filesystem=source_fs,
-                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+            pyarrow.fs.copy_files(
+                source,
+                str(staging / dest.name),
+                source_filesystem=source_fs,
+                destination_filesystem=pyarrow.fs.LocalFileSystem(),
+            )
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(staging / dest.name, dest)  # atomic: concurrent workers on one node see all or nothing
             (dest.parent / ".complete").touch()

@@ -66,8 +66,11 @@ def searcher(space: SearchSpace, seed: int):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    sampler = optuna.samplers.GridSampler(space.grid(), seed=seed) if space.sampler == "grid" else \
-        optuna.samplers.TPESampler(seed=seed)
+    sampler = (
+        optuna.samplers.GridSampler(space.grid(), seed=seed)
+        if space.sampler == "grid"
+        else optuna.samplers.TPESampler(seed=seed)
+    )
     return OptunaSearch(space=space.optuna_space(), metric=METRIC, mode=MODE, sampler=sampler, seed=None)
 
 
@@ -82,8 +85,12 @@ def trial_run(params: dict, *, setup: dict) -> None:
     layout = StorageLayout(setup["root"])
     prepared = PreparedRun(RunSpec.from_dict(setup["spec"]).with_values(params), layout, setup["teacher_logits"])
     trial_id = ray.tune.get_context().get_trial_id()
-    trainer = build_trainer(prepared, storage_path=layout.trials_root(setup["study"]),
-                            name=layout.trial_run_name(trial_id), callbacks=[TuneReportCallback()])
+    trainer = build_trainer(
+        prepared,
+        storage_path=layout.trials_root(setup["study"]),
+        name=layout.trial_run_name(trial_id),
+        callbacks=[TuneReportCallback()],
+    )
     fit(trainer, layout.trial_run_dir(setup["study"], trial_id))
 
 
@@ -94,29 +101,49 @@ class Outcome:
     interrupted: bool
 
 
-def fit_study(cfg: StudyConfig, space: SearchSpace, prepared: PreparedRun, study: str, num_trials: int,
-              callbacks: list, max_t: int) -> Outcome:
+def fit_study(
+    cfg: StudyConfig,
+    space: SearchSpace,
+    prepared: PreparedRun,
+    study: str,
+    num_trials: int,
+    callbacks: list,
+    max_t: int,
+) -> Outcome:
     """Run (or, with ``cfg.resume``, continue) the Tuner. Interrupted (Ctrl+C): Tune saves the study and returns
     normally, so the interruption is read from its signal handling (see `_interrupted`)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     layout = prepared.layout
-    setup = {"spec": prepared.spec.to_dict(), "teacher_logits": prepared.teacher_logits, "root": layout.root,
-             "study": study}
+    setup = {
+        "spec": prepared.spec.to_dict(),
+        "teacher_logits": prepared.teacher_logits,
+        "root": layout.root,
+        "study": study,
+    }
     trainable = tune.with_resources(tune.with_parameters(trial_run, setup=setup), {"cpu": TRIAL_CPU})
     if cfg.resume:
         print(f"resuming study {study}")
-        tuner = tune.Tuner.restore(layout.study_dir(study), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False)  # an errored trial diverged: it would diverge again
+        tuner = tune.Tuner.restore(
+            layout.study_dir(study), trainable=trainable, resume_unfinished=True, resume_errored=False
+        )  # an errored trial diverged: it would diverge again
     else:
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=searcher(space, prepared.spec.train.seed),
-                scheduler=ASHAScheduler(metric=METRIC, mode=MODE, time_attr="training_iteration", max_t=max_t,
-                                        grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor),
-                num_samples=num_trials, max_concurrent_trials=cfg.max_concurrent_trials),
+                scheduler=ASHAScheduler(
+                    metric=METRIC,
+                    mode=MODE,
+                    time_attr="training_iteration",
+                    max_t=max_t,
+                    grace_period=cfg.grace_period,
+                    reduction_factor=cfg.reduction_factor,
+                ),
+                num_samples=num_trials,
+                max_concurrent_trials=cfg.max_concurrent_trials,
+            ),
             run_config=tune.RunConfig(name=study, storage_path=layout.root, callbacks=callbacks),
         )
     guard = InterruptGuard()
@@ -166,8 +193,9 @@ def leaderboard(results):
     board = results.get_dataframe(filter_metric=METRIC, filter_mode=MODE)
     errored = {r.metrics.get("trial_id") for r in results if r.error is not None and r.metrics}
     board = board[~board["trial_id"].isin(errored) & board[METRIC].notna()]
-    keep = ["trial_id", METRIC, "train_total", "training_iteration", "epoch"] + \
-        [c for c in board.columns if c.startswith("config/")]
+    keep = ["trial_id", METRIC, "train_total", "training_iteration", "epoch"] + [
+        c for c in board.columns if c.startswith("config/")
+    ]
     return best_trial(board[[c for c in keep if c in board.columns]])
 
 

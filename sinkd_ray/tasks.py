@@ -91,32 +91,56 @@ _BINARY_NLI = ("entailment", "not_entailment")
 
 _TASKS = (
     Task(
-        name="cola", benchmark="glue", hub_id=GLUE_HUB_ID, hub_config="cola",
-        text_fields=("sentence",), label_names=("unacceptable", "acceptable"), metric="mcc",
+        name="cola",
+        benchmark="glue",
+        hub_id=GLUE_HUB_ID,
+        hub_config="cola",
+        text_fields=("sentence",),
+        label_names=("unacceptable", "acceptable"),
+        metric="mcc",
         template="Sentence: {sentence}\nIs this sentence grammatically correct? Answer:",
         verbalizer=("no", "yes"),
     ),
     Task(
-        name="sst2", benchmark="glue", hub_id=GLUE_HUB_ID, hub_config="sst2",
-        text_fields=("sentence",), label_names=("negative", "positive"), metric="accuracy",
+        name="sst2",
+        benchmark="glue",
+        hub_id=GLUE_HUB_ID,
+        hub_config="sst2",
+        text_fields=("sentence",),
+        label_names=("negative", "positive"),
+        metric="accuracy",
         template="Review: {sentence}\nIs this review positive? Answer:",
         verbalizer=("no", "yes"),
     ),
     Task(
-        name="mrpc", benchmark="glue", hub_id=GLUE_HUB_ID, hub_config="mrpc",
-        text_fields=("sentence1", "sentence2"), label_names=("not_equivalent", "equivalent"), metric="f1",
+        name="mrpc",
+        benchmark="glue",
+        hub_id=GLUE_HUB_ID,
+        hub_config="mrpc",
+        text_fields=("sentence1", "sentence2"),
+        label_names=("not_equivalent", "equivalent"),
+        metric="f1",
         template="Sentence 1: {sentence1}\nSentence 2: {sentence2}\nDo both sentences mean the same thing? Answer:",
         verbalizer=("no", "yes"),
     ),
     Task(
-        name="qqp", benchmark="glue", hub_id=GLUE_HUB_ID, hub_config="qqp",
-        text_fields=("question1", "question2"), label_names=("not_duplicate", "duplicate"), metric="f1",
+        name="qqp",
+        benchmark="glue",
+        hub_id=GLUE_HUB_ID,
+        hub_config="qqp",
+        text_fields=("question1", "question2"),
+        label_names=("not_duplicate", "duplicate"),
+        metric="f1",
         template="Question 1: {question1}\nQuestion 2: {question2}\nDo both questions ask the same thing? Answer:",
         verbalizer=("no", "yes"),
     ),
     Task(
-        name="mnli", benchmark="glue", hub_id=GLUE_HUB_ID, hub_config="mnli",
-        text_fields=("premise", "hypothesis"), label_names=("entailment", "neutral", "contradiction"),
+        name="mnli",
+        benchmark="glue",
+        hub_id=GLUE_HUB_ID,
+        hub_config="mnli",
+        text_fields=("premise", "hypothesis"),
+        label_names=("entailment", "neutral", "contradiction"),
         metric="accuracy",
         template="Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise entail the hypothesis? Answer:",
         verbalizer=("yes", "maybe", "no"),
@@ -124,26 +148,45 @@ _TASKS = (
         hub_splits=(("train", "train"), ("dev", "validation_matched"), ("dev_mismatched", "validation_mismatched")),
     ),
     Task(
-        name="qnli", benchmark="glue", hub_id=GLUE_HUB_ID, hub_config="qnli",
-        text_fields=("question", "sentence"), label_names=_BINARY_NLI, metric="accuracy",
+        name="qnli",
+        benchmark="glue",
+        hub_id=GLUE_HUB_ID,
+        hub_config="qnli",
+        text_fields=("question", "sentence"),
+        label_names=_BINARY_NLI,
+        metric="accuracy",
         template="Question: {question}\nSentence: {sentence}\nDoes the sentence answer the question? Answer:",
         verbalizer=("yes", "no"),
     ),
     Task(
-        name="rte", benchmark="glue", hub_id=GLUE_HUB_ID, hub_config="rte",
-        text_fields=("sentence1", "sentence2"), label_names=_BINARY_NLI, metric="accuracy",
+        name="rte",
+        benchmark="glue",
+        hub_id=GLUE_HUB_ID,
+        hub_config="rte",
+        text_fields=("sentence1", "sentence2"),
+        label_names=_BINARY_NLI,
+        metric="accuracy",
         template="Premise: {sentence1}\nHypothesis: {sentence2}\nDoes the premise entail the hypothesis? Answer:",
         verbalizer=("yes", "no"),
     ),
     Task(
-        name="superglue-rte", benchmark="super_glue", hub_id=SUPER_GLUE_HUB_ID, hub_config="rte",
-        text_fields=("premise", "hypothesis"), label_names=_BINARY_NLI, metric="accuracy",
+        name="superglue-rte",
+        benchmark="super_glue",
+        hub_id=SUPER_GLUE_HUB_ID,
+        hub_config="rte",
+        text_fields=("premise", "hypothesis"),
+        label_names=_BINARY_NLI,
+        metric="accuracy",
         template="Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise entail the hypothesis? Answer:",
         verbalizer=("yes", "no"),
     ),
     Task(
-        name="cb", benchmark="super_glue", hub_id=SUPER_GLUE_HUB_ID, hub_config="cb",
-        text_fields=("premise", "hypothesis"), label_names=("entailment", "contradiction", "neutral"),
+        name="cb",
+        benchmark="super_glue",
+        hub_id=SUPER_GLUE_HUB_ID,
+        hub_config="cb",
+        text_fields=("premise", "hypothesis"),
+        label_names=("entailment", "contradiction", "neutral"),
         metric="accuracy",
         template="Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise entail the hypothesis? Answer:",
         verbalizer=("yes", "no", "maybe"),
@@ -193,8 +236,10 @@ def compute_metrics(task: Task | str, predictions, labels) -> dict[str, float]:
     ``macro_f1`` (mean F1 over its three classes); the others ``accuracy`` only.
     """
     task = get_task(task)
-    predictions, labels = (x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)  # torch tensors
-                           for x in (predictions, labels))
+    predictions, labels = (
+        x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)  # torch tensors
+        for x in (predictions, labels)
+    )
     labels = labels.reshape(-1)
     if predictions.ndim == 2:
         predictions = predictions.argmax(axis=-1)

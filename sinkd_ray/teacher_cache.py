@@ -20,9 +20,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from sinkd_ray.data import load_split, make_loader, tokenize_split, GlobalBatchSampler
-from sinkd_ray.models import (LogitModel, detect_family, load_config, load_teacher, model_fingerprint,
-                              resolve_logit_space)
+from sinkd_ray.data import GlobalBatchSampler, load_split, make_loader, tokenize_split
+from sinkd_ray.models import (
+    LogitModel,
+    detect_family,
+    load_config,
+    load_teacher,
+    model_fingerprint,
+    resolve_logit_space,
+)
 from sinkd_ray.tasks import Task, get_task
 
 
@@ -47,8 +53,17 @@ class TeacherLogitsKey:
         return f"{self.task}-{self.split}-{self.digest()}.safetensors"
 
 
-def teacher_logits_key(teacher: str, task: Task, split: str, *, max_length: int, logit_space: str,
-                       quantization: str | None, bf16: bool, prompt: bool) -> TeacherLogitsKey:
+def teacher_logits_key(
+    teacher: str,
+    task: Task,
+    split: str,
+    *,
+    max_length: int,
+    logit_space: str,
+    quantization: str | None,
+    bf16: bool,
+    prompt: bool,
+) -> TeacherLogitsKey:
     return TeacherLogitsKey(
         teacher_fingerprint=model_fingerprint(teacher),
         task=task.name,
@@ -72,8 +87,13 @@ def compute_logits(teacher: LogitModel, tokenized, *, batch_size: int, bf16: boo
     out: torch.Tensor | None = None
     for batch in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = teacher(**{k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids")
-                                if k in batch}).float().cpu()
+            logits = (
+                teacher(
+                    **{k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+                )
+                .float()
+                .cpu()
+            )
         if out is None:
             out = torch.empty(n, logits.shape[-1], dtype=torch.float32)
         out[batch["idx"]] = logits
@@ -100,18 +120,37 @@ class LogitsRequest:
     def key(self) -> TeacherLogitsKey:
         """Only the config is read to build the key, so a cache hit never loads the teacher's weights."""
         family = detect_family(load_config(self.teacher), self.family)
-        return teacher_logits_key(self.teacher, get_task(self.task), self.split, max_length=self.max_length,
-                                  logit_space=resolve_logit_space(self.logit_space, family),
-                                  quantization=self.quantization, bf16=self.bf16, prompt=family != "encoder")
+        return teacher_logits_key(
+            self.teacher,
+            get_task(self.task),
+            self.split,
+            max_length=self.max_length,
+            logit_space=resolve_logit_space(self.logit_space, family),
+            quantization=self.quantization,
+            bf16=self.bf16,
+            prompt=family != "encoder",
+        )
 
     def compute(self, device: torch.device | str = "cpu") -> torch.Tensor:
         from sinkd_ray.storage import localize  # inputs shipped for other nodes are fetched where this runs
 
         task = get_task(self.task)
-        teacher = load_teacher(localize(self.teacher), task, family=self.family, logit_space=self.logit_space,
-                               quantization=self.quantization, dtype=getattr(torch, self.dtype), device=device)
-        tokenized = tokenize_split(load_split(task, self.split, localize(self.data_dir)), task, teacher.tokenizer,
-                                   self.max_length, prompt=teacher.family != "encoder")
+        teacher = load_teacher(
+            localize(self.teacher),
+            task,
+            family=self.family,
+            logit_space=self.logit_space,
+            quantization=self.quantization,
+            dtype=getattr(torch, self.dtype),
+            device=device,
+        )
+        tokenized = tokenize_split(
+            load_split(task, self.split, localize(self.data_dir)),
+            task,
+            teacher.tokenizer,
+            self.max_length,
+            prompt=teacher.family != "encoder",
+        )
         return compute_logits(teacher, tokenized, batch_size=self.batch_size, bf16=self.bf16)
 
 
@@ -124,8 +163,9 @@ def write_logits(path: Path, logits: torch.Tensor, key: TeacherLogitsKey) -> Non
     os.replace(tmp, path)
 
 
-def cached_teacher_logits(request: LogitsRequest, cache_dir: str | Path,
-                          compute: Callable[[LogitsRequest], torch.Tensor] | None = None) -> tuple[Path, bool]:
+def cached_teacher_logits(
+    request: LogitsRequest, cache_dir: str | Path, compute: Callable[[LogitsRequest], torch.Tensor] | None = None
+) -> tuple[Path, bool]:
     """Return ``(path, computed)``: the safetensors file holding the requested logits, computed (by ``compute``,
     default: here, on the CPU) only when no file with the same key exists. The file holds one tensor ``logits``
     (n × d, float32) indexed by the dataset's ``idx`` column."""

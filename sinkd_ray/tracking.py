@@ -35,18 +35,22 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
 
     scheme = urlparse(uri).scheme.split("+")[0]
     if scheme not in TRACKING_SCHEMES:
-        raise SinkdError(f"--tracking-uri {uri}: scheme '{scheme}' is not one MLflow can track to — use http(s):// "
-                         "(a tracking server), sqlite:///<file>, postgresql://… or mysql://…")
+        raise SinkdError(
+            f"--tracking-uri {uri}: scheme '{scheme}' is not one MLflow can track to — use http(s):// "
+            "(a tracking server), sqlite:///<file>, postgresql://… or mysql://…"
+        )
     if scheme in ("http", "https"):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
                 response.read()
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
-            raise SinkdError(f"--tracking-uri {uri}: no MLflow server answers ({reason}) — start it (mlflow server …) "
-                             "or check the address") from None
+            raise SinkdError(
+                f"--tracking-uri {uri}: no MLflow server answers ({reason}) — start it (mlflow server …) "
+                "or check the address"
+            ) from None
     if scheme == "sqlite":
-        folder = Path(uri[len("sqlite:///"):]).expanduser().parent
+        folder = Path(uri[len("sqlite:///") :]).expanduser().parent
         if not (folder.is_dir() and os.access(folder, os.W_OK)):
             raise SinkdError(f"--tracking-uri {uri}: the folder {folder} does not exist or is not writable")
 
@@ -57,8 +61,13 @@ def code_version() -> str:
 
     root = Path(__file__).resolve().parent.parent
     try:
-        rev = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
         return rev or __version__
     except (OSError, subprocess.SubprocessError):
         return __version__
@@ -73,8 +82,9 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
 
 def parent_run(client: MlflowClient, experiment_id: str, study: str, tags: dict) -> str:
     """The study's parent run: reused when the study is resumed, created otherwise."""
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}' and "
-                                                              f"tags.`{MLFLOW_PARENT_RUN_ID}` IS NULL")
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}' and tags.`{MLFLOW_PARENT_RUN_ID}` IS NULL"
+    )
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -91,8 +101,11 @@ class TrialRunsCallback(MLflowLoggerCallback):
     """
 
     def __init__(self, tracking_uri: str, experiment_name: str, parent_run_id: str, tags: dict):
-        super().__init__(tracking_uri=tracking_uri, experiment_name=experiment_name,
-                         tags={**tags, MLFLOW_PARENT_RUN_ID: parent_run_id})
+        super().__init__(
+            tracking_uri=tracking_uri,
+            experiment_name=experiment_name,
+            tags={**tags, MLFLOW_PARENT_RUN_ID: parent_run_id},
+        )
         self.parent_run_id = parent_run_id
 
     def log_trial_start(self, trial) -> None:
@@ -101,13 +114,15 @@ class TrialRunsCallback(MLflowLoggerCallback):
             found = client.search_runs(
                 [self.mlflow_util.experiment_id],
                 filter_string=f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' and "
-                              f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'")
+                f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'",
+            )
             if found:
                 self._trial_runs[trial] = found[0].info.run_id
                 client.update_run(found[0].info.run_id, status="RUNNING")
             else:
-                run = self.mlflow_util.start_run(tags={**self.tags, TRIAL_TAG: trial.trial_id,
-                                                       "trial_name": str(trial)}, run_name=str(trial))
+                run = self.mlflow_util.start_run(
+                    tags={**self.tags, TRIAL_TAG: trial.trial_id, "trial_name": str(trial)}, run_name=str(trial)
+                )
                 self._trial_runs[trial] = run.info.run_id
         if not self.log_params_on_trial_end:
             self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=trial.config)
@@ -120,13 +135,13 @@ class TrialRunsCallback(MLflowLoggerCallback):
 
 def trial_run_ids(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, str]:
     """trial id -> child run id for every trial of a study."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
-                              max_results=10_000)
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'", max_results=10_000
+    )
     return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
 
 
-def register_student(client: MlflowClient, name: str, run_id: str, student_dir: Path,
-                     alias: str = "best") -> str:
+def register_student(client: MlflowClient, name: str, run_id: str, student_dir: Path, alias: str = "best") -> str:
     """Log ``student_dir`` as the run's ``student`` artifacts and register them as a version of ``name``; a run
     already registered (a resumed study finishing again) keeps its one version, which gets the alias again.
 
@@ -148,19 +163,22 @@ def register_student(client: MlflowClient, name: str, run_id: str, student_dir: 
     return version
 
 
-def end_unfinished(client: MlflowClient, experiment_id: str, parent_run_id: str, finished_trials: set[str],
-                   status: str = "KILLED") -> None:
+def end_unfinished(
+    client: MlflowClient, experiment_id: str, parent_run_id: str, finished_trials: set[str], status: str = "KILLED"
+) -> None:
     """Close the runs of an interrupted study: its parent and every trial run not in ``finished_trials``
     (a resumed study sets them RUNNING again and continues them)."""
-    for run in client.search_runs([experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
-                                  max_results=10_000):
+    for run in client.search_runs(
+        [experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'", max_results=10_000
+    ):
         if run.data.tags.get(TRIAL_TAG) not in finished_trials:
             client.set_terminated(run.info.run_id, status=status)
     client.set_terminated(parent_run_id, status=status)
 
 
-def log_study_summary(client: MlflowClient, parent_run_id: str, leaderboard, distributions: dict,
-                      metric: str, out_dir: Path) -> list[str]:
+def log_study_summary(
+    client: MlflowClient, parent_run_id: str, leaderboard, distributions: dict, metric: str, out_dir: Path
+) -> list[str]:
     """Leaderboard CSV and Optuna's importance / parallel-coordinate plots as artifacts of the parent run."""
     import optuna
 
@@ -176,8 +194,9 @@ def log_study_summary(client: MlflowClient, parent_run_id: str, leaderboard, dis
         study = optuna.create_study(direction="maximize")
         for _, row in done.iterrows():
             values = {p: row[f"config/{p}"] for p in distributions}
-            study.add_trial(optuna.trial.create_trial(params=values, distributions=distributions,
-                                                      value=float(row[metric])))
+            study.add_trial(
+                optuna.trial.create_trial(params=values, distributions=distributions, value=float(row[metric]))
+            )
         import matplotlib
 
         matplotlib.use("Agg")
@@ -202,12 +221,18 @@ class StudyRuns:
     """A study's MLflow runs: the parent (reused on resume), the per-trial callback, and what happens at the end."""
 
     def __init__(self, client: MlflowClient, experiment: str, experiment_id: str, parent_id: str, tags: dict):
-        self.client, self.experiment, self.experiment_id, self.parent_id, self.tags = \
-            client, experiment, experiment_id, parent_id, tags
+        self.client, self.experiment, self.experiment_id, self.parent_id, self.tags = (
+            client,
+            experiment,
+            experiment_id,
+            parent_id,
+            tags,
+        )
 
     @classmethod
-    def open(cls, tracking_uri: str, experiment: str, study: str, artifact_location: str | None,
-             tags: dict) -> StudyRuns:
+    def open(
+        cls, tracking_uri: str, experiment: str, study: str, artifact_location: str | None, tags: dict
+    ) -> StudyRuns:
         client = MlflowClient(tracking_uri)
         experiment_id = ensure_experiment(client, experiment, artifact_location)
         return cls(client, experiment, experiment_id, parent_run(client, experiment_id, study, tags), tags)

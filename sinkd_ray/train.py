@@ -20,14 +20,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sinkd_ray.train",
         description="One SinKD distillation run (or, with --stage teacher, CE fine-tuning of a teacher) on Ray "
-                    "Train with FSDP workers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--stage", choices=("student", "teacher"), default="student",
-                        help="'teacher': fine-tune --model with CE only; 'student': distil --teacher into --student")
+        "Train with FSDP workers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--stage",
+        choices=("student", "teacher"),
+        default="student",
+        help="'teacher': fine-tune --model with CE only; 'student': distil --teacher into --student",
+    )
     parser.add_argument("--model", metavar="PATH", help="with --stage teacher: the pretrained model to fine-tune")
-    parser.add_argument("--output-dir", metavar="DIR",
-                        help="where the best model is exported (save_pretrained + dev_metrics.json); "
-                             "default <storage-path>/<name>-best")
+    parser.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="where the best model is exported (save_pretrained + dev_metrics.json); "
+        "default <storage-path>/<name>-best",
+    )
     parser.add_argument("--name", help="run name (an existing name resumes that run); default: task-stage-time")
     add_config_args(parser, RuntimeConfig, group="runtime")
     add_config_args(parser, TrainConfig, group="training")
@@ -52,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     prepared = prepare_run(spec, layout, runtime)
     best = export_best(fit_run(prepared, name, callbacks=[PrintProgress()]), output or layout.run_export_dir(name))
-    print(f"done in {time.time() - t0:.0f}s: best dev {task.metric}={best['dev_metric']:.4f} at step "
-          f"{best['step']}; student saved to {output or layout.run_export_dir(name)}")
+    print(
+        f"done in {time.time() - t0:.0f}s: best dev {task.metric}={best['dev_metric']:.4f} at step "
+        f"{best['step']}; student saved to {output or layout.run_export_dir(name)}"
+    )
     return 0
 
 

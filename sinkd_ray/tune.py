@@ -37,9 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sinkd_ray.tune",
         description="Search SinKD hyper-parameters with Ray Tune (Optuna + ASHA) and register the best student "
-                    "in MLflow. Every flag has a working default: `--task cola` alone runs on a local Ray "
-                    "runtime with MLflow in a SQLite file under --storage-path.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "in MLflow. Every flag has a working default: `--task cola` alone runs on a local Ray "
+        "runtime with MLflow in a SQLite file under --storage-path.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_config_args(parser, StudyConfig, group="study")
     add_config_args(parser, RuntimeConfig, group="runtime")
     add_config_args(parser, TrainConfig, group="runs (every trial)")
@@ -67,8 +68,9 @@ def _main(argv: list[str]) -> int:
     cfg, runtime = config_from_args(StudyConfig, args), config_from_args(RuntimeConfig, args)
     task = get_task(args.task)
     space = load_search_space(cfg.search_space, task.name)
-    spec = study.base_spec(space, RunSpec(config_from_args(TrainConfig, args), DistillConfig()),
-                           explicit_dests(parser, argv))
+    spec = study.base_spec(
+        space, RunSpec(config_from_args(TrainConfig, args), DistillConfig()), explicit_dests(parser, argv)
+    )
     study.check_space(space, spec)
     layout = StorageLayout.at(runtime.storage_path)
     name = _study_name(cfg, layout, task.name)
@@ -79,10 +81,22 @@ def _main(argv: list[str]) -> int:
     num_trials = cfg.num_trials or (space.grid_size() if space.sampler == "grid" else 8)
 
     teacher_train = replace(spec.train, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, workers=1)
-    prepared = prepare_run(spec, layout, runtime, teacher_base=cfg.teacher_base, teacher_train=teacher_train,
-                           max_batch_size=int(study.largest(space, spec, "batch_size")), trial_cpu=study.TRIAL_CPU)
-    runs = tracking.StudyRuns.open(tracking_uri, cfg.experiment_name or f"sinkd-{task.name}", name,
-                                   layout.artifact_location(), _tags(prepared.spec, space))
+    prepared = prepare_run(
+        spec,
+        layout,
+        runtime,
+        teacher_base=cfg.teacher_base,
+        teacher_train=teacher_train,
+        max_batch_size=int(study.largest(space, spec, "batch_size")),
+        trial_cpu=study.TRIAL_CPU,
+    )
+    runs = tracking.StudyRuns.open(
+        tracking_uri,
+        cfg.experiment_name or f"sinkd-{task.name}",
+        name,
+        layout.artifact_location(),
+        _tags(prepared.spec, space),
+    )
     if not cfg.resume:
         runs.log_params({**space.fixed, "num_trials": num_trials, "sampler": space.sampler})
     max_t = study.max_evaluations(space, prepared.spec, _train_examples(prepared.spec))
@@ -97,22 +111,29 @@ def _study_name(cfg: StudyConfig, layout: StorageLayout, task: str) -> str:
     if cfg.resume:
         name = cfg.name or layout.latest_study(task)
         if name is None or not layout.study_exists(name):
-            raise SinkdError(f"no study {'named ' + name if name else 'of ' + task} to resume under {layout.root} — "
-                             "run without --resume to start one"
-                             + (" (on remote storage, name it: --resume --name <study>)" if not name else ""))
+            raise SinkdError(
+                f"no study {'named ' + name if name else 'of ' + task} to resume under {layout.root} — "
+                "run without --resume to start one"
+                + (" (on remote storage, name it: --resume --name <study>)" if not name else "")
+            )
         return name
     name = cfg.name or f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     if layout.study_exists(name):
-        raise SinkdError(f"study '{name}' already exists under {layout.root} — add --resume to continue it, or "
-                         "choose another --name")
+        raise SinkdError(
+            f"study '{name}' already exists under {layout.root} — add --resume to continue it, or choose another --name"
+        )
     return name
 
 
 def _tags(spec: RunSpec, space) -> dict:
     tcfg = spec.train
-    return {"task": tcfg.task, "teacher": tcfg.teacher, "search_space": space.path,
-            "student": f"{tcfg.student}" + (f" (first {tcfg.student_layers} layers)" if tcfg.student_layers else ""),
-            "code_version": tracking.code_version()}
+    return {
+        "task": tcfg.task,
+        "teacher": tcfg.teacher,
+        "search_space": space.path,
+        "student": f"{tcfg.student}" + (f" (first {tcfg.student_layers} layers)" if tcfg.student_layers else ""),
+        "code_version": tracking.code_version(),
+    }
 
 
 def _train_examples(spec: RunSpec) -> int:
@@ -128,9 +149,12 @@ def _interrupted(runs, layout: StorageLayout, name: str) -> int:
     statuses = study.finished_trials(layout.study_dir(name))
     runs.end_unfinished({t for t, status in statuses.items() if status in ("TERMINATED", "ERROR")})
     removed = study.sweep_partial_checkpoints(layout, name)
-    print(f"\nstudy {name} interrupted: {sum(s == 'TERMINATED' for s in statuses.values())} trial(s) finished, "
-          f"nothing registered{f', {removed} unfinished checkpoint copies removed' if removed else ''}; continue it "
-          f"with the same command plus --resume --name {name}", file=sys.stderr)
+    print(
+        f"\nstudy {name} interrupted: {sum(s == 'TERMINATED' for s in statuses.values())} trial(s) finished, "
+        f"nothing registered{f', {removed} unfinished checkpoint copies removed' if removed else ''}; continue it "
+        f"with the same command plus --resume --name {name}",
+        file=sys.stderr,
+    )
     return 130
 
 
@@ -153,10 +177,12 @@ def _summarise(results, runs, prepared, cfg: StudyConfig, space, name: str, elap
     runs.finish("FINISHED", best_id=best_id, best_metric=float(metrics["dev_metric"]))
 
     stopped = study.stopped_early(results, spec)
-    params = {c[len("config/"):]: _plain(best[c]) for c in board.columns if c.startswith("config/")}
-    print(f"\nstudy {name}: {len(board)} trials in {elapsed / 60:.1f} min"
-          + (f", {stopped} stopped early by ASHA" if stopped is not None else "")
-          + (f", {len(errors)} failed ({errors[0]})" if errors else ""))
+    params = {c[len("config/") :]: _plain(best[c]) for c in board.columns if c.startswith("config/")}
+    print(
+        f"\nstudy {name}: {len(board)} trials in {elapsed / 60:.1f} min"
+        + (f", {stopped} stopped early by ASHA" if stopped is not None else "")
+        + (f", {len(errors)} failed ({errors[0]})" if errors else "")
+    )
     print(f"best trial {best_id}: dev {get_task(spec.train.task).metric} = {best[study.METRIC]:.4f}")
     print("best hyper-parameters: " + json.dumps(params))
     print(f"best student: {student_dir}")
@@ -174,8 +200,8 @@ def _summarise(results, runs, prepared, cfg: StudyConfig, space, name: str, elap
 def _ce_baseline(prepared, params: dict, name: str) -> float:
     """One CE-only student (α = β = γ = 0) with the best trial's other settings: what the student reaches without
     the teacher, at the same budget."""
-    from sinkd_ray.driver import PreparedRun, PrintProgress, best_checkpoint_dir, fit_run
     from sinkd_ray.checkpoints import METRICS_FILE, load_json
+    from sinkd_ray.driver import PreparedRun, PrintProgress, best_checkpoint_dir, fit_run
 
     spec = prepared.spec.with_values({**params, "alpha": 0.0, "beta": 0.0, "gamma": 0.0, "online_teacher": False})
     print("\nCE-only baseline: the best trial's settings without the teacher (α = β = γ = 0)")
@@ -189,14 +215,17 @@ def _outcome_table(prepared, best: float, baseline: float | None) -> None:
 
     metric = get_task(prepared.spec.train.task).metric
     teacher = teacher_dev_score(prepared.spec, prepared.layout)
-    rows = [("teacher", teacher), ("best student", best)] + ([("CE-only student", baseline)] if baseline is not None
-                                                             else [])
+    rows = [("teacher", teacher), ("best student", best)] + (
+        [("CE-only student", baseline)] if baseline is not None else []
+    )
     print(f"\n{'':18}dev {metric}")
     for label, value in rows:
         print(f"{label:18}{value:.4f}")
     if baseline is not None and teacher > baseline:
-        print(f"{'gap closed':18}{100 * (best - baseline) / (teacher - baseline):.0f} %  "
-              "((best − CE-only) / (teacher − CE-only))")
+        print(
+            f"{'gap closed':18}{100 * (best - baseline) / (teacher - baseline):.0f} %  "
+            "((best − CE-only) / (teacher − CE-only))"
+        )
 
 
 def _plain(value):

@@ -85,8 +85,9 @@ def shard_student(student: LogitModel, world_size: int, device: torch.device, bf
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-        MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
     for layer in student.transformer_layers():
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(student.hf_model, mesh=mesh, mp_policy=policy)
@@ -115,8 +116,14 @@ def all_ranks_true(flag: bool, device: torch.device) -> bool:
 class TeacherLogits:
     """Teacher logits for a batch: a row lookup in the cached logits, or a live forward of the frozen teacher."""
 
-    def __init__(self, *, cached: torch.Tensor | None = None, teacher: LogitModel | None = None,
-                 tokenized: dict | None = None, bf16: bool = False):
+    def __init__(
+        self,
+        *,
+        cached: torch.Tensor | None = None,
+        teacher: LogitModel | None = None,
+        tokenized: dict | None = None,
+        bf16: bool = False,
+    ):
         self.cached, self.teacher, self.tokenized, self.bf16 = cached, teacher, tokenized, bf16
         if teacher is not None:
             from transformers import DataCollatorWithPadding
@@ -133,16 +140,18 @@ class TeacherLogits:
         """A live forward of the teacher on the examples ``idx`` (with gradients where grad mode is on)."""
         assert self.teacher is not None and self.tokenized is not None
         rows = self.tokenized[split].select(idx.tolist())
-        batch = self.collate([{k: r[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in r}
-                              for r in rows])
+        batch = self.collate(
+            [{k: r[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in r} for r in rows]
+        )
         teacher_device = self.teacher.label_token_ids.device  # a quantized teacher sits where bitsandbytes put it
         with torch.autocast(teacher_device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.teacher(**model_inputs(batch, teacher_device))
         return logits.float().to(device)
 
 
-def evaluate(student: LogitModel, task: Task, dev, *, per_worker: int, rank: int, world: int,
-             device: torch.device, bf16: bool) -> dict[str, float]:
+def evaluate(
+    student: LogitModel, task: Task, dev, *, per_worker: int, rank: int, world: int, device: torch.device, bf16: bool
+) -> dict[str, float]:
     """Task metrics of the (possibly sharded) student on the dev split, identical on every worker."""
     student.eval()
     idx_all, pred_all, label_all = [], [], []
@@ -170,8 +179,7 @@ def evaluate(student: LogitModel, task: Task, dev, *, per_worker: int, rank: int
 class DistillRecipe:
     """One student's training on one worker (rank ``ctx.rank`` of ``ctx.world``)."""
 
-    def __init__(self, spec: RunSpec, ctx: WorkerContext = WorkerContext(),
-                 teacher_logits: torch.Tensor | None = None):
+    def __init__(self, spec: RunSpec, ctx: WorkerContext = WorkerContext(), teacher_logits: torch.Tensor | None = None):
         # inputs the driver shipped to the storage (remote runs) are fetched to this node (`storage.localize`)
         tcfg = replace(spec.train, student=localize(spec.train.student), data_dir=localize(spec.train.data_dir))
         self.spec, self.tcfg, self.dcfg, self.ctx = spec, tcfg, spec.distill, ctx
@@ -189,26 +197,34 @@ class DistillRecipe:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         seed_everything(tcfg.seed)
         self.student = self._load_student(resume_dir)
-        self.train_ds, self.dev_ds = self._tokenized(self.student.tokenizer, "train"), \
-            self._tokenized(self.student.tokenizer, "dev")
+        self.train_ds, self.dev_ds = (
+            self._tokenized(self.student.tokenizer, "train"),
+            self._tokenized(self.student.tokenizer, "dev"),
+        )
         self.teacher = self._teacher()
         if ctx.world > 1:
             shard_student(self.student, ctx.world, ctx.device, self.bf16)
         self.optimizer = self._optimizer()
-        self.sampler = GlobalBatchSampler(len(self.train_ds), self.dcfg.batch_size, rank=ctx.rank,
-                                          world_size=ctx.world, seed=tcfg.seed)
+        self.sampler = GlobalBatchSampler(
+            len(self.train_ds), self.dcfg.batch_size, rank=ctx.rank, world_size=ctx.world, seed=tcfg.seed
+        )
         self.steps_per_epoch = len(self.sampler) // tcfg.grad_accum_steps
         if self.steps_per_epoch == 0:
-            raise RunFailed(f"{len(self.train_ds)} training examples give no full step of batch_size="
-                            f"{self.dcfg.batch_size} × grad_accum_steps={tcfg.grad_accum_steps} — use a smaller "
-                            "batch or more data")
+            raise RunFailed(
+                f"{len(self.train_ds)} training examples give no full step of batch_size="
+                f"{self.dcfg.batch_size} × grad_accum_steps={tcfg.grad_accum_steps} — use a smaller "
+                "batch or more data"
+            )
         from transformers import get_linear_schedule_with_warmup
 
         total = self.steps_per_epoch * tcfg.epochs
         warmup = int(tcfg.warmup_ratio * total)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, total)
-        self.online = OnlineTeacher(self.teacher, self.dcfg, total_steps=total, warmup_steps=warmup) \
-            if self.dcfg.online_teacher else None
+        self.online = (
+            OnlineTeacher(self.teacher, self.dcfg, total_steps=total, warmup_steps=warmup)
+            if self.dcfg.online_teacher
+            else None
+        )
         self.fault_armed = tcfg.fault_at_step is not None and resume_dir is None
         if resume_dir is not None:
             self._restore(resume_dir)
@@ -216,8 +232,13 @@ class DistillRecipe:
     def _load_student(self, resume_dir: Path | None) -> LogitModel:
         tcfg = self.tcfg
         if resume_dir is None:
-            student = load_student(tcfg.student, self.task, num_layers=tcfg.student_layers, family=tcfg.family,
-                                   logit_space=tcfg.logit_space)
+            student = load_student(
+                tcfg.student,
+                self.task,
+                num_layers=tcfg.student_layers,
+                family=tcfg.family,
+                logit_space=tcfg.logit_space,
+            )
         elif checkpoints.is_legacy(resume_dir):  # an earlier version's checkpoint: the full student is saved
             student = load_student(str(resume_dir / checkpoints.STUDENT_DIR), self.task)
         else:  # weights come from the shards once the student is sharded like the run that wrote them
@@ -227,8 +248,9 @@ class DistillRecipe:
     def _tokenized(self, tokenizer, split: str, prompt: bool | None = None):
         tcfg = self.tcfg
         prompt = self.student.family != "encoder" if prompt is None else prompt
-        ds = tokenize_split(load_split(self.task, split, tcfg.data_dir), self.task, tokenizer, tcfg.max_length,
-                            prompt=prompt)
+        ds = tokenize_split(
+            load_split(self.task, split, tcfg.data_dir), self.task, tokenizer, tcfg.max_length, prompt=prompt
+        )
         limit = tcfg.max_train_examples if split == "train" else tcfg.max_eval_examples
         return ds.select(range(min(limit, len(ds)))) if limit else ds
 
@@ -238,12 +260,23 @@ class DistillRecipe:
             return None
         if self.cached_teacher_logits is not None and not dcfg.online_teacher:
             return TeacherLogits(cached=self.cached_teacher_logits)
-        dtype = {"auto": torch.bfloat16 if self.bf16 else torch.float32, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16, "float16": torch.float16}[tcfg.teacher_dtype]
+        dtype = {
+            "auto": torch.bfloat16 if self.bf16 else torch.float32,
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[tcfg.teacher_dtype]
         if dcfg.online_teacher:
             dtype = torch.float32  # its LoRA modules train: keep the base in full precision
-        teacher = load_teacher(localize(tcfg.teacher), self.task, family=tcfg.family, logit_space=tcfg.logit_space,
-                               quantization=tcfg.teacher_quantization, dtype=dtype, device=self.ctx.device)
+        teacher = load_teacher(
+            localize(tcfg.teacher),
+            self.task,
+            family=tcfg.family,
+            logit_space=tcfg.logit_space,
+            quantization=tcfg.teacher_quantization,
+            dtype=dtype,
+            device=self.ctx.device,
+        )
         tokenized = {"train": self._tokenized(teacher.tokenizer, "train", prompt=teacher.family != "encoder")}
         return TeacherLogits(teacher=teacher, tokenized=tokenized, bf16=self.bf16)
 
@@ -253,9 +286,11 @@ class DistillRecipe:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
         # fused: one kernel per step instead of ~10 passes over every tensor; on a CPU this alone takes a 3-layer
         # MiniLM student from ~48 to ~80 examples/s (the for-loop default is memory-bound on the 12M embedding).
-        return torch.optim.AdamW([{"params": decay, "weight_decay": self.tcfg.weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.tcfg.lr,
-                                 fused=self.ctx.device.type in FUSED_ADAMW_DEVICES)
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.tcfg.lr,
+            fused=self.ctx.device.type in FUSED_ADAMW_DEVICES,
+        )
 
     # --- checkpoints
     def _save(self, directory: Path, metrics: dict) -> None:
@@ -266,8 +301,10 @@ class DistillRecipe:
         if rank != 0:
             return
         self.student.save_config(directory / checkpoints.STUDENT_DIR)
-        checkpoints.save_json(directory / checkpoints.TRAINER_FILE, {
-            "progress": asdict(self.progress), "scheduler": self.scheduler.state_dict(), "world": self.ctx.world})
+        checkpoints.save_json(
+            directory / checkpoints.TRAINER_FILE,
+            {"progress": asdict(self.progress), "scheduler": self.scheduler.state_dict(), "world": self.ctx.world},
+        )
         if self.online is not None:
             self.online.save(directory / checkpoints.ONLINE_FILE)
         checkpoints.save_json(directory / checkpoints.METRICS_FILE, metrics)
@@ -293,8 +330,12 @@ class DistillRecipe:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         if dist.is_initialized():
-            set_optimizer_state_dict(self.student.hf_model, self.optimizer, optim_state_dict=state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(
+                self.student.hf_model,
+                self.optimizer,
+                optim_state_dict=state["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -335,9 +376,11 @@ class DistillRecipe:
         norm = torch.nn.utils.clip_grad_norm_(self.student.hf_model.parameters(), clip)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: the global norm
         if not torch.isfinite(norm):  # the same global value on every rank: all fail together
-            raise RunFailed(f"the loss or its gradients became non-finite at step {self.progress.step + 1} "
-                            f"(gradient norm {norm.item()}, lr {self.scheduler.get_last_lr()[0]:.3g}) — the run "
-                            "diverged: lower the learning rate")
+            raise RunFailed(
+                f"the loss or its gradients became non-finite at step {self.progress.step + 1} "
+                f"(gradient norm {norm.item()}, lr {self.scheduler.get_last_lr()[0]:.3g}) — the run "
+                "diverged: lower the learning rate"
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -346,8 +389,10 @@ class DistillRecipe:
         self.progress.step += 1
 
     def _weights_finite(self) -> bool:
-        local = all(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
-                    for p in self.student.hf_model.parameters())
+        local = all(
+            torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+            for p in self.student.hf_model.parameters()
+        )
         return all_ranks_true(bool(local), self.ctx.device)
 
     def train(self, report: ReportFn, checkpoint: bool = True) -> None:
@@ -364,7 +409,7 @@ class DistillRecipe:
         self.student.train()
         while progress.epoch < tcfg.epochs:
             self.sampler.set_epoch(progress.epoch)
-            batches = list(self.sampler)[progress.batch_in_epoch:]
+            batches = list(self.sampler)[progress.batch_in_epoch :]
             for batch in make_loader(self.train_ds, self.student.tokenizer, batches):
                 t0 = time.perf_counter()
                 for k, v in self._step_batch(batch).items():
@@ -380,7 +425,8 @@ class DistillRecipe:
                 if epoch_done:
                     progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
                 at_eval = progress.batch_in_epoch % tcfg.grad_accum_steps == 0 and (
-                    epoch_done or progress.step % eval_every == 0)
+                    epoch_done or progress.step % eval_every == 0
+                )
                 if not at_eval:
                     continue
                 metrics = self._evaluate(sums, seen, train_time, epoch_done)
@@ -391,14 +437,26 @@ class DistillRecipe:
 
     def _evaluate(self, sums: dict, seen: int, train_time: float, epoch_done: bool) -> dict:
         if not self._weights_finite():
-            raise RunFailed(f"the student's weights became non-finite by step {self.progress.step} (lr "
-                            f"{self.scheduler.get_last_lr()[0]:.3g}) — the run diverged: lower the learning rate")
+            raise RunFailed(
+                f"the student's weights became non-finite by step {self.progress.step} (lr "
+                f"{self.scheduler.get_last_lr()[0]:.3g}) — the run diverged: lower the learning rate"
+            )
         ctx, progress = self.ctx, self.progress
-        dev = evaluate(self.student, self.task, self.dev_ds, per_worker=self.tcfg.eval_batch_size, rank=ctx.rank,
-                       world=ctx.world, device=ctx.device, bf16=self.bf16)
+        dev = evaluate(
+            self.student,
+            self.task,
+            self.dev_ds,
+            per_worker=self.tcfg.eval_batch_size,
+            rank=ctx.rank,
+            world=ctx.world,
+            device=ctx.device,
+            bf16=self.bf16,
+        )
         epoch = progress.epoch if epoch_done else progress.epoch + progress.batch_in_epoch / len(self.sampler)
         return {
-            "epoch": epoch, "step": progress.step, "dev_metric": dev[self.task.metric],
+            "epoch": epoch,
+            "step": progress.step,
+            "dev_metric": dev[self.task.metric],
             **{f"dev_{k}": v for k, v in dev.items()},
             **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
             "examples_per_s": seen * self.dcfg.batch_size / max(train_time, 1e-9),
@@ -415,8 +473,15 @@ class DistillRecipe:
             report(metrics, Path(tmp))
 
 
-def distill(spec: RunSpec, *, report: ReportFn, teacher_logits: torch.Tensor | None = None,
-            resume_dir: Path | None = None, ctx: WorkerContext = WorkerContext(), checkpoint: bool = True) -> None:
+def distill(
+    spec: RunSpec,
+    *,
+    report: ReportFn,
+    teacher_logits: torch.Tensor | None = None,
+    resume_dir: Path | None = None,
+    ctx: WorkerContext = WorkerContext(),
+    checkpoint: bool = True,
+) -> None:
     """Train one student (the recipe's setup + train). ``report(metrics, checkpoint_dir)`` is called after every
     evaluation; every rank gets its own ``checkpoint_dir`` (deleted after the call; None with
     ``checkpoint=False``). ``teacher_logits``: the cached train-split logits (n × d), else the teacher runs live."""
@@ -452,9 +517,10 @@ def ray_worker(config: dict) -> None:
     resume = ray.train.get_checkpoint()
     try:
         logits = config["teacher_logits"].tensor() if config.get("teacher_logits") else None
-        with (resume.as_directory() if resume else contextlib.nullcontext()) as resume_dir:
-            distill(spec, report=report, teacher_logits=logits, ctx=ctx,
-                    resume_dir=Path(resume_dir) if resume_dir else None)
+        with resume.as_directory() if resume else contextlib.nullcontext() as resume_dir:
+            distill(
+                spec, report=report, teacher_logits=logits, ctx=ctx, resume_dir=Path(resume_dir) if resume_dir else None
+            )
     except SinkdError as err:  # the same on every rank; retrying (max_failures) would fail the same way
         if ctx.rank == 0:
             _record_failure(context.get_storage(), str(err))

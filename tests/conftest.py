@@ -75,8 +75,13 @@ def build_tiny_bert(path: Path) -> Path:
     vocab = _tiny_vocab()
     tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, pad_token_id=0,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     return _save_tiny(BertModel(config).eval(), tokenizer, path)
@@ -91,9 +96,18 @@ def build_tiny_t5(path: Path) -> Path:
         tokenizer_object=_wordpiece_tokenizer(post_eos=True), pad_token="[PAD]", eos_token="</s>", unk_token="[UNK]"
     )
     config = T5Config(
-        vocab_size=len(_tiny_vocab()), d_model=32, d_kv=16, d_ff=64, num_layers=3, num_decoder_layers=3,
-        num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=32,
-        pad_token_id=0, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
+        vocab_size=len(_tiny_vocab()),
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=3,
+        num_decoder_layers=3,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        pad_token_id=0,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=0,
     )
     torch.manual_seed(0)
     return _save_tiny(T5ForConditionalGeneration(config).eval(), tokenizer, path)
@@ -109,9 +123,16 @@ def build_tiny_gptneo(path: Path) -> Path:
         tokenizer_object=_wordpiece_tokenizer(post_eos=False), eos_token="</s>", bos_token="</s>", unk_token="[UNK]"
     )
     config = GPTNeoConfig(
-        vocab_size=len(_tiny_vocab()), hidden_size=32, num_layers=4, attention_types=[[["global", "local"], 2]],
-        num_heads=2, intermediate_size=64, window_size=8, max_position_embeddings=128,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(_tiny_vocab()),
+        hidden_size=32,
+        num_layers=4,
+        attention_types=[[["global", "local"], 2]],
+        num_heads=2,
+        intermediate_size=64,
+        window_size=8,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
     return _save_tiny(GPTNeoForCausalLM(config).eval(), tokenizer, path)
@@ -205,13 +226,18 @@ def ray_cluster():
     # The dashboard is not optional: Ray Train's placement-group cleaner asks its state API whether a run's
     # controller is alive. Its port is chosen freely so that another local runtime (a study beside the tests)
     # holding 8265 does not leave this cluster without one.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {NODE_SLOT: 1},
-                                                            "include_dashboard": True, "dashboard_port": 0})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "resources": {NODE_SLOT: 1}, "include_dashboard": True, "dashboard_port": 0},
+    )
     cluster.add_node(num_cpus=2, resources={NODE_SLOT: 1})
     cluster.wait_for_nodes()
     # as the CLIs do (sinkd_ray.runtime): every worker process knows its own cluster's address
-    ray.init(address=cluster.address, log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": "sinkd_ray.runtime.pin_ray_address"})
+    ray.init(
+        address=cluster.address,
+        log_to_driver=False,
+        runtime_env={"worker_process_setup_hook": "sinkd_ray.runtime.pin_ray_address"},
+    )
     # Subprocesses (CLI tests) attach to this runtime.
     os.environ["RAY_ADDRESS"] = cluster.address
     yield cluster

@@ -81,42 +81,67 @@ def _drop_profile(name):
     return lambda c: c["available_node_types"][name]["node_config"].pop("IamInstanceProfile")
 
 
-@pytest.mark.parametrize("breakage, match", [
-    # Ray's schema and the sanity checks that were there before
-    (lambda c: c.update(bogus_key=1), "bogus_key"),
-    (lambda c: c["available_node_types"]["gpu-1x"].update(min_workers=5, max_workers=2), "min_workers=5 > max"),
-    (lambda c: c["available_node_types"]["gpu-8x"].update(min_workers=2) or c.update(max_workers=1),
-     "max_workers"),
-    (lambda c: c["provider"].update(aws_secret_access_key="abc"), "credential"),
-    (lambda c: c["available_node_types"]["gpu-1x"].update(max_workers="many"), "many"),
-    # 1. an implicit or outdated AMI (Ray 2.60 resolves both to DLAMI Ubuntu 18.04 V71.0)
-    (lambda c: c["available_node_types"]["gpu-1x"]["node_config"].update(ImageId="latest_dlami"),
-     "'gpu-1x' has ImageId 'latest_dlami'.*Ubuntu 18.04"),
-    (lambda c: c["available_node_types"]["gpu-8x"]["node_config"].pop("ImageId"), "'gpu-8x' has ImageId '\\(none\\)'"),
-    (lambda c: c["available_node_types"]["head"]["node_config"].update(ImageId=RAY_DEFAULT_AMI_US_WEST_2),
-     "'head' has ImageId 'ami-0a2b85e15b7c0ac34'.*Ubuntu 18.04"),
-    # 1. the software is not pinned to the project's Ray (a later node would run another version)
-    (lambda c: c["docker"].update(image="rayproject/ray:latest-gpu"), "not Ray's image of the pinned ray=="),
-    (lambda c: c["docker"].update(image="rayproject/ray:2.60.0-py311-cpu"), "not a GPU image"),
-    (lambda c: c.pop("docker"), "no docker.image"),
-    # 2. a worker type without an instance profile
-    (_drop_profile("gpu-1x"), "worker node type 'gpu-1x' has no IamInstanceProfile"),
-    (_drop_profile("gpu-8x"), "worker node type 'gpu-8x' has no IamInstanceProfile"),
-    # 3. the bucket: the placeholder, missing, or a second copy; the MLflow backend left implicit
-    (lambda c: _set_env(c, "SINKD_BUCKET", "s3://my-sinkd-bucket"), "CHANGE: SINKD_BUCKET \\(still s3://my-sinkd-bucket"),
-    (lambda c: _set_env(c, "SINKD_BUCKET", None), "set the bucket once"),
-    (lambda c: c["head_setup_commands"].append("mlflow server --artifacts-destination s3://acme-sinkd-runs/mlflow"),
-     "head_setup_commands.3' names a bucket \\(s3://acme-sinkd-runs\\)"),
-    (lambda c: _set_env(c, "SINKD_MLFLOW_BACKEND", None), "SINKD_MLFLOW_BACKEND"),
-    (lambda c: _set_env(c, "SINKD_MLFLOW_BACKEND", "postgres"), "SINKD_MLFLOW_BACKEND.*'postgres'"),
-    # 4. another interpreter than the job's `python`, or installs without the constraints file
-    (lambda c: c["setup_commands"].__setitem__(0, c["setup_commands"][0].replace("python -m pip", "python3 -m pip")),
-     "setup_commands\\[0\\] installs with 'python3 -m pip'"),
-    (lambda c: c["head_setup_commands"].insert(0, "pip3 install boto3"), "head_setup_commands\\[0\\] installs with 'pip3'"),
-    (lambda c: c["setup_commands"].__setitem__(0, "python -m pip install -e /home/ray/sinkd_ray"),
-     "setup_commands\\[0\\] installs without -c"),
-    (lambda c: c.update(setup_commands=[]), "never install this checkout"),
-])
+@pytest.mark.parametrize(
+    "breakage, match",
+    [
+        # Ray's schema and the sanity checks that were there before
+        (lambda c: c.update(bogus_key=1), "bogus_key"),
+        (lambda c: c["available_node_types"]["gpu-1x"].update(min_workers=5, max_workers=2), "min_workers=5 > max"),
+        (lambda c: c["available_node_types"]["gpu-8x"].update(min_workers=2) or c.update(max_workers=1), "max_workers"),
+        (lambda c: c["provider"].update(aws_secret_access_key="abc"), "credential"),
+        (lambda c: c["available_node_types"]["gpu-1x"].update(max_workers="many"), "many"),
+        # 1. an implicit or outdated AMI (Ray 2.60 resolves both to DLAMI Ubuntu 18.04 V71.0)
+        (
+            lambda c: c["available_node_types"]["gpu-1x"]["node_config"].update(ImageId="latest_dlami"),
+            "'gpu-1x' has ImageId 'latest_dlami'.*Ubuntu 18.04",
+        ),
+        (
+            lambda c: c["available_node_types"]["gpu-8x"]["node_config"].pop("ImageId"),
+            "'gpu-8x' has ImageId '\\(none\\)'",
+        ),
+        (
+            lambda c: c["available_node_types"]["head"]["node_config"].update(ImageId=RAY_DEFAULT_AMI_US_WEST_2),
+            "'head' has ImageId 'ami-0a2b85e15b7c0ac34'.*Ubuntu 18.04",
+        ),
+        # 1. the software is not pinned to the project's Ray (a later node would run another version)
+        (lambda c: c["docker"].update(image="rayproject/ray:latest-gpu"), "not Ray's image of the pinned ray=="),
+        (lambda c: c["docker"].update(image="rayproject/ray:2.60.0-py311-cpu"), "not a GPU image"),
+        (lambda c: c.pop("docker"), "no docker.image"),
+        # 2. a worker type without an instance profile
+        (_drop_profile("gpu-1x"), "worker node type 'gpu-1x' has no IamInstanceProfile"),
+        (_drop_profile("gpu-8x"), "worker node type 'gpu-8x' has no IamInstanceProfile"),
+        # 3. the bucket: the placeholder, missing, or a second copy; the MLflow backend left implicit
+        (
+            lambda c: _set_env(c, "SINKD_BUCKET", "s3://my-sinkd-bucket"),
+            "CHANGE: SINKD_BUCKET \\(still s3://my-sinkd-bucket",
+        ),
+        (lambda c: _set_env(c, "SINKD_BUCKET", None), "set the bucket once"),
+        (
+            lambda c: c["head_setup_commands"].append(
+                "mlflow server --artifacts-destination s3://acme-sinkd-runs/mlflow"
+            ),
+            "head_setup_commands.3' names a bucket \\(s3://acme-sinkd-runs\\)",
+        ),
+        (lambda c: _set_env(c, "SINKD_MLFLOW_BACKEND", None), "SINKD_MLFLOW_BACKEND"),
+        (lambda c: _set_env(c, "SINKD_MLFLOW_BACKEND", "postgres"), "SINKD_MLFLOW_BACKEND.*'postgres'"),
+        # 4. another interpreter than the job's `python`, or installs without the constraints file
+        (
+            lambda c: c["setup_commands"].__setitem__(
+                0, c["setup_commands"][0].replace("python -m pip", "python3 -m pip")
+            ),
+            "setup_commands\\[0\\] installs with 'python3 -m pip'",
+        ),
+        (
+            lambda c: c["head_setup_commands"].insert(0, "pip3 install boto3"),
+            "head_setup_commands\\[0\\] installs with 'pip3'",
+        ),
+        (
+            lambda c: c["setup_commands"].__setitem__(0, "python -m pip install -e /home/ray/sinkd_ray"),
+            "setup_commands\\[0\\] installs without -c",
+        ),
+        (lambda c: c.update(setup_commands=[]), "never install this checkout"),
+    ],
+)
 def test_broken_copies_of_cluster_yaml_fail_with_one_line(filled, breakage, match):
     breakage(filled)
     with pytest.raises(SinkdError, match=match) as info:
@@ -154,8 +179,9 @@ def _pin_current_environment(path: Path, **override: str) -> Path:
     from sinkd_ray.node_setup import dependency_closure
 
     pins = {**dependency_closure(), **override}
-    path.write_text("".join(f"{name}=={version.split('+')[0]}\n" for name, version in pins.items()
-                            if name != "sinkd-ray"))
+    path.write_text(
+        "".join(f"{name}=={version.split('+')[0]}\n" for name, version in pins.items() if name != "sinkd-ray")
+    )
     return path
 
 
@@ -172,31 +198,42 @@ def test_preflight_passes_on_a_node_that_matches_its_lock_and_can_write_the_buck
     assert not list((tmp_path / "bucket").iterdir())  # the probe object is gone again
 
 
-@pytest.mark.parametrize("problem, match", [
-    ("version", "1 installed package\\(s\\) differ from constraints.txt: torch"),
-    ("bucket", "cannot write to file:///proc/sinkd-nowhere from this node.*IamInstanceProfile"),
-    ("no bucket", "SINKD_BUCKET=''"),
-    ("gpu", "NVIDIA devices but torch .* cannot use them.*driver"),
-    ("backend", "SINKD_MLFLOW_BACKEND='postgres'"),
-    ("ssm", "cannot read the MLflow backend URI from SSM parameter /sinkd/mlflow-backend-uri.*sqlite"),
-])
+@pytest.mark.parametrize(
+    "problem, match",
+    [
+        ("version", "1 installed package\\(s\\) differ from constraints.txt: torch"),
+        ("bucket", "cannot write to file:///proc/sinkd-nowhere from this node.*IamInstanceProfile"),
+        ("no bucket", "SINKD_BUCKET=''"),
+        ("gpu", "NVIDIA devices but torch .* cannot use them.*driver"),
+        ("backend", "SINKD_MLFLOW_BACKEND='postgres'"),
+        ("ssm", "cannot read the MLflow backend URI from SSM parameter /sinkd/mlflow-backend-uri.*sqlite"),
+    ],
+)
 def test_preflight_stops_setup_with_one_line(problem, match, tmp_path, monkeypatch):
     import types
 
     from sinkd_ray import node_setup
 
-    monkeypatch.setattr(node_setup, "CONSTRAINTS", _pin_current_environment(
-        tmp_path / "constraints.txt", **({"torch": "9.9.9"} if problem == "version" else {})))
-    monkeypatch.setenv("SINKD_BUCKET", {"bucket": "file:///proc/sinkd-nowhere", "no bucket": ""}.get(
-        problem, (tmp_path / "bucket").as_uri()))
-    monkeypatch.setenv("SINKD_MLFLOW_BACKEND", {"backend": "postgres", "ssm": "ssm:/sinkd/mlflow-backend-uri"}.get(
-        problem, "sqlite"))
+    monkeypatch.setattr(
+        node_setup,
+        "CONSTRAINTS",
+        _pin_current_environment(tmp_path / "constraints.txt", **({"torch": "9.9.9"} if problem == "version" else {})),
+    )
+    monkeypatch.setenv(
+        "SINKD_BUCKET",
+        {"bucket": "file:///proc/sinkd-nowhere", "no bucket": ""}.get(problem, (tmp_path / "bucket").as_uri()),
+    )
+    monkeypatch.setenv(
+        "SINKD_MLFLOW_BACKEND", {"backend": "postgres", "ssm": "ssm:/sinkd/mlflow-backend-uri"}.get(problem, "sqlite")
+    )
     if problem == "gpu":
         monkeypatch.setattr(node_setup, "_nvidia_devices", lambda: [Path("/dev/nvidia0")])
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     if problem == "ssm":  # what boto3 raises on a node whose role may not read the parameter
+
         def client(service):
             raise PermissionError("AccessDeniedException: not authorized to perform ssm:GetParameter")
+
         monkeypatch.setitem(sys.modules, "boto3", types.SimpleNamespace(client=client))
     with pytest.raises(SinkdError, match=match) as info:
         node_setup.preflight(head=True)
@@ -253,8 +290,9 @@ fixed:
 
 
 @pytest.mark.ray
-def test_a_study_on_two_nodes_and_uri_storage_completes(tmp_path, ray_cluster, tiny_bert_dir, tiny_teacher_dir,
-                                                        cola_fixture_dir, monkeypatch, capsys):
+def test_a_study_on_two_nodes_and_uri_storage_completes(
+    tmp_path, ray_cluster, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, monkeypatch, capsys
+):
     """Two concurrent trials, each worker needing the one unit of NODE_SLOT every node has: they must run on
     different nodes (the head and the worker node of the session's local cluster).
 
@@ -262,10 +300,10 @@ def test_a_study_on_two_nodes_and_uri_storage_completes(tmp_path, ray_cluster, t
     logits travel through the object store, the driver's own files go to $SINKD_CACHE_DIR, and the best
     checkpoint is fetched from the storage URI before it is registered."""
     import mlflow
+    import ray
     from conftest import NODE_SLOT
     from mlflow.tracking import MlflowClient
 
-    import ray
     from sinkd_ray.models import load_student
     from sinkd_ray.tasks import get_task
     from sinkd_ray.tune import main as tune_main
@@ -275,17 +313,48 @@ def test_a_study_on_two_nodes_and_uri_storage_completes(tmp_path, ray_cluster, t
     space.write_text(SPACE)
     monkeypatch.setenv("SINKD_CACHE_DIR", str(tmp_path / "driver-cache"))
     bucket, tracking = tmp_path / "bucket", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = ["--task", "cola", "--teacher", str(tiny_teacher_dir), "--student", str(tiny_bert_dir),
-            "--student-layers", "2", "--data-dir", str(cola_fixture_dir), "--search-space", str(space),
-            "--storage-path", bucket.as_uri(), "--tracking-uri", tracking, "--max-length", "32",
-            "--eval-batch-size", "20", "--seed", "0", "--num-trials", "2", "--max-concurrent-trials", "2",
-            "--cpus-per-worker", "1", "--worker-resources", f"{NODE_SLOT}=1", "--name", "multinode"]
+    argv = [
+        "--task",
+        "cola",
+        "--teacher",
+        str(tiny_teacher_dir),
+        "--student",
+        str(tiny_bert_dir),
+        "--student-layers",
+        "2",
+        "--data-dir",
+        str(cola_fixture_dir),
+        "--search-space",
+        str(space),
+        "--storage-path",
+        bucket.as_uri(),
+        "--tracking-uri",
+        tracking,
+        "--max-length",
+        "32",
+        "--eval-batch-size",
+        "20",
+        "--seed",
+        "0",
+        "--num-trials",
+        "2",
+        "--max-concurrent-trials",
+        "2",
+        "--cpus-per-worker",
+        "1",
+        "--worker-resources",
+        f"{NODE_SLOT}=1",
+        "--name",
+        "multinode",
+    ]
     assert tune_main(argv) == 0
     assert "registered model: sinkd-cola-student" in capsys.readouterr().out
 
     # Trials ran on two different nodes (placement.json: the node of every rank, written by the workers).
-    placements = [json.loads(p.read_text())["node_ids"] for p in (bucket / "multinode-train").glob(
-        "trial_*/checkpoint_*/placement.json")]
+    placements = [
+        json.loads(p.read_text())["node_ids"]
+        for p in (bucket / "multinode-train").glob("trial_*/checkpoint_*/placement.json")
+    ]
     trial_nodes = {nodes[0] for nodes in placements}
     assert len(placements) == 2 and len(trial_nodes) == 2, placements
     assert trial_nodes <= {n["NodeID"] for n in ray.nodes()}
@@ -307,7 +376,8 @@ def test_a_study_on_two_nodes_and_uri_storage_completes(tmp_path, ray_cluster, t
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 2 and all(client.get_metric_history(c.info.run_id, "dev_metric") for c in children)
     version = client.get_model_version_by_alias("sinkd-cola-student", "best")
-    local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp_path / "dl"),
-                                                tracking_uri=client.tracking_uri)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=version.source, dst_path=str(tmp_path / "dl"), tracking_uri=client.tracking_uri
+    )
     student = load_student(local, get_task("cola"))
     assert student(torch.tensor([[2, 5, 3]]), torch.ones(1, 3, dtype=torch.long)).shape == (1, 2)

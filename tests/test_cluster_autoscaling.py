@@ -53,19 +53,40 @@ def fake_config(cluster: dict, gcs_address: str) -> dict:
         types[name] = {
             "min_workers": node_type.get("min_workers", 0),
             "max_workers": min(node_type["max_workers"], 2),
-            "resources": {"CPU": min(resources["CPU"], 2), STAND_IN_GPU: resources["GPU"],
-                          f"accelerator_type:{ACCELERATORS[family]}": 1, "object_store_memory": OBJECT_STORE},
+            "resources": {
+                "CPU": min(resources["CPU"], 2),
+                STAND_IN_GPU: resources["GPU"],
+                f"accelerator_type:{ACCELERATORS[family]}": 1,
+                "object_store_memory": OBJECT_STORE,
+            },
             "node_config": {},
         }
     return {
-        "cluster_name": "sinkd-fake", "max_workers": 2, "upscaling_speed": cluster.get("upscaling_speed", 1.0),
+        "cluster_name": "sinkd-fake",
+        "max_workers": 2,
+        "upscaling_speed": cluster.get("upscaling_speed", 1.0),
         "idle_timeout_minutes": IDLE_TIMEOUT_MINUTES,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True, "gcs_address": gcs_address},
-        "available_node_types": types, "head_node_type": "ray.head.default",
-        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
-        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": gcs_address,
+        },
+        "available_node_types": types,
+        "head_node_type": "ray.head.default",
+        "auth": {},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
         "worker_start_ray_commands": [],
     }
 
@@ -142,21 +163,38 @@ def fake_cluster(monkeypatch):
     temp_dir = tempfile.mkdtemp(prefix="sinkd-fake-", dir="/tmp")  # short: Ray's socket paths live under it
     config_path = Path(temp_dir, "autoscaling.json")
     config_path.write_text(json.dumps(config))
-    env = {**os.environ,
-           "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-           # Every process of this cluster (jobs, Train controllers, fake nodes) inherits these.
-           "RAY_ADDRESS": gcs,
-           # ~/.ray/auth_token may exist (another runtime made it); `ray start` would then require a token
-           # that this test's client does not send. This cluster is local and short-lived.
-           "RAY_AUTH_MODE": "disabled",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-               f"--autoscaling-config={config_path}", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
-               "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client_port}",
-               f"--dashboard-agent-listen-port={agent_port}", "--num-cpus=2", f"--object-store-memory={OBJECT_STORE}",
-               f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats"]
+    env = {
+        **os.environ,
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        # Every process of this cluster (jobs, Train controllers, fake nodes) inherits these.
+        "RAY_ADDRESS": gcs,
+        # ~/.ray/auth_token may exist (another runtime made it); `ray start` would then require a token
+        # that this test's client does not send. This cluster is local and short-lived.
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "RAY_DEDUP_LOGS": "0",
+    }
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--autoscaling-config={config_path}",
+        f"--port={gcs_port}",
+        f"--dashboard-port={dashboard_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--ray-client-server-port={client_port}",
+        f"--dashboard-agent-listen-port={agent_port}",
+        "--num-cpus=2",
+        f"--object-store-memory={OBJECT_STORE}",
+        f"--temp-dir={temp_dir}",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+    ]
     log = open(Path(temp_dir, "head.log"), "w")
     # Its own session and process group: the cleanup below ends this group, nothing else.
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -171,7 +209,9 @@ def fake_cluster(monkeypatch):
                 break
             except Exception:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the fake cluster's head did not come up: {Path(temp_dir, 'head.log').read_text()[-2000:]}")
+                    pytest.fail(
+                        f"the fake cluster's head did not come up: {Path(temp_dir, 'head.log').read_text()[-2000:]}"
+                    )
                 time.sleep(2)
         yield fake
     finally:
@@ -225,7 +265,8 @@ def _wait(condition, seconds: float, what: str, diagnostics=lambda: ""):
 
 @pytest.mark.ray
 def test_the_readme_study_autoscales_gpu_nodes_of_cluster_yaml_and_releases_them(
-        fake_cluster, ray_cluster, tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir):
+    fake_cluster, ray_cluster, tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -235,17 +276,50 @@ def test_the_readme_study_autoscales_gpu_nodes_of_cluster_yaml_and_releases_them
     bucket, tracking = tmp_path / "bucket", f"sqlite:///{tmp_path / 'mlflow.db'}"
     # The README's job with its --gpus-per-worker replaced by the stand-in resource, pinned to the gpu-1x type the
     # way the README pins a type (accelerator_type), one node per trial: two concurrent trials need two nodes.
-    entrypoint = shlex.join([
-        "python", "-m", "sinkd_ray.tune", "--task", "cola", "--teacher", str(tiny_teacher_dir),
-        "--student", str(tiny_bert_dir), "--student-layers", "2", "--data-dir", str(cola_fixture_dir),
-        "--search-space", str(space), "--storage-path", f"{bucket.as_uri()}/runs", "--tracking-uri", tracking,
-        "--max-length", "32", "--eval-batch-size", "20", "--seed", "0", "--num-trials", "2",
-        "--max-concurrent-trials", "2", "--cpus-per-worker", "1",
-        "--worker-resources", f"{STAND_IN_GPU}=1,accelerator_type:A10G=0.001", "--name", "autoscaled"])
+    entrypoint = shlex.join(
+        [
+            "python",
+            "-m",
+            "sinkd_ray.tune",
+            "--task",
+            "cola",
+            "--teacher",
+            str(tiny_teacher_dir),
+            "--student",
+            str(tiny_bert_dir),
+            "--student-layers",
+            "2",
+            "--data-dir",
+            str(cola_fixture_dir),
+            "--search-space",
+            str(space),
+            "--storage-path",
+            f"{bucket.as_uri()}/runs",
+            "--tracking-uri",
+            tracking,
+            "--max-length",
+            "32",
+            "--eval-batch-size",
+            "20",
+            "--seed",
+            "0",
+            "--num-trials",
+            "2",
+            "--max-concurrent-trials",
+            "2",
+            "--cpus-per-worker",
+            "1",
+            "--worker-resources",
+            f"{STAND_IN_GPU}=1,accelerator_type:A10G=0.001",
+            "--name",
+            "autoscaled",
+        ]
+    )
     client = fake_cluster.client()
     t0 = time.monotonic()
-    job = fake_cluster.submit(entrypoint=entrypoint,
-                              runtime_env={"env_vars": {"SINKD_CACHE_DIR": str(tmp_path / "driver-cache")}})
+    job = fake_cluster.submit(
+        entrypoint=entrypoint, runtime_env={"env_vars": {"SINKD_CACHE_DIR": str(tmp_path / "driver-cache")}}
+    )
 
     node_types: dict[str, str] = {}  # node id -> node type, as the autoscaler reported them while they lived
 
@@ -260,8 +334,10 @@ def test_the_readme_study_autoscales_gpu_nodes_of_cluster_yaml_and_releases_them
     assert "registered model: sinkd-cola-student" in logs
 
     # The autoscaler started gpu-1x nodes (none of the other type), and each trial ran on a different one of them.
-    placements = [json.loads(p.read_text())["node_ids"]
-                  for p in (bucket / "runs" / "autoscaled-train").glob("trial_*/checkpoint_*/placement.json")]
+    placements = [
+        json.loads(p.read_text())["node_ids"]
+        for p in (bucket / "runs" / "autoscaled-train").glob("trial_*/checkpoint_*/placement.json")
+    ]
     trial_nodes = {nodes[0] for nodes in placements}
     assert len(placements) == 2 and len(trial_nodes) == 2, placements
     assert {node_types.get(node) for node in trial_nodes} == {"gpu-1x"}, (trial_nodes, node_types)
@@ -274,9 +350,15 @@ def test_the_readme_study_autoscales_gpu_nodes_of_cluster_yaml_and_releases_them
     # once Ray Train V2's resource request for the finished run is gone, and in these runs it was not cancelled
     # when the run ended but expired (AUTOSCALING_REQUESTS_EXPIRE_TIME_S = 180 s in ray/train/v2/.../
     # autoscaling_coordinator_client.py): release comes ~3 min + the idle timeout after the last trial.
-    _wait(lambda: not fake_cluster.alive_workers() and not (fake_cluster.autoscaler_report().get("active_nodes") or
-                                                              {}).get("gpu-1x"),
-          360, "idle gpu-1x nodes were not released", lambda: str(fake_cluster.autoscaler_report()))
+    _wait(
+        lambda: (
+            not fake_cluster.alive_workers()
+            and not (fake_cluster.autoscaler_report().get("active_nodes") or {}).get("gpu-1x")
+        ),
+        360,
+        "idle gpu-1x nodes were not released",
+        lambda: str(fake_cluster.autoscaler_report()),
+    )
 
     print(f"idle nodes released {time.monotonic() - t0:.0f} s after the submission")
 

@@ -65,8 +65,11 @@ def test_staged_mrpc_if_present(shared_data):
 
 def test_staged_rows_are_read_verbatim(shared_data):
     cola = load_split("cola", "train", shared_data)
-    assert cola[0] == {"sentence": "Our friends won't buy this analysis, let alone the next one we propose.",
-                       "label": 1, "idx": 0}
+    assert cola[0] == {
+        "sentence": "Our friends won't buy this analysis, let alone the next one we propose.",
+        "label": 1,
+        "idx": 0,
+    }
     assert cola[3056]["sentence"] == 'Susan whispered "Shut up".'
     sst2 = load_split("sst2", "dev", shared_data)
     assert sst2[0]["sentence"].endswith(" ")  # PTB-tokenised with a trailing space, as released
@@ -81,6 +84,7 @@ def test_glue_and_superglue_rte_agree_row_for_row(shared_data):
         glue = load_split("rte", split, shared_data)
         superglue = load_split("superglue-rte", split, shared_data)
         assert glue["label"] == superglue["label"]
+
         # the same examples in the same order; SuperGLUE drops double quotes that wrap a field
         def unquoted(texts):
             return [t.replace('"', "").strip() for t in texts]
@@ -118,9 +122,12 @@ MRPC_HEADER = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
 
 
 def test_mrpc_pair_tsv_with_bom_header(tmp_path):
-    _write(tmp_path / "MRPC" / "train.tsv", MRPC_HEADER
-           + '1\t702876\t702977\tHe said " the witness " .\tReferring to him as " the witness , he left .\n'
-           + "0\t2108705\t2108831\tYucaipa owned Dominick 's .\tYucaipa bought Dominick 's in 1995 .\n")
+    _write(
+        tmp_path / "MRPC" / "train.tsv",
+        MRPC_HEADER
+        + '1\t702876\t702977\tHe said " the witness " .\tReferring to him as " the witness , he left .\n'
+        + "0\t2108705\t2108831\tYucaipa owned Dominick 's .\tYucaipa bought Dominick 's in 1995 .\n",
+    )
     ds = load_split("mrpc", "train", tmp_path)
     assert ds.column_names == ["sentence1", "sentence2", "label", "idx"]
     assert ds["label"] == [1, 0]
@@ -129,7 +136,12 @@ def test_mrpc_pair_tsv_with_bom_header(tmp_path):
 
 
 CB_ROWS = [
-    {"premise": "It was a complex language.", "hypothesis": "the language was peeled down", "label": "contradiction", "idx": 0},
+    {
+        "premise": "It was a complex language.",
+        "hypothesis": "the language was peeled down",
+        "label": "contradiction",
+        "idx": 0,
+    },
     {"premise": "Do you think he's coming?", "hypothesis": "he is coming", "label": "neutral", "idx": 1},
     {"premise": "She knew it was raining.", "hypothesis": "it was raining", "label": "entailment", "idx": 2},
     {"premise": 'He said "no.', "hypothesis": "he refused", "label": "entailment", "idx": 3},
@@ -146,18 +158,23 @@ def test_cb_three_class_jsonl(tmp_path, folder):
     assert ds[3]["premise"] == 'He said "no.'
 
 
-MNLI_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
-               "sentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label\n")
+MNLI_HEADER = (
+    "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+    "sentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label\n"
+)
 
 
 def _mnli_row(i, premise, hypothesis, gold):
-    return f"{i}\t{i}\t{i}e\tfiction\t( x )\t( y )\t(ROOT x)\t(ROOT y)\t{premise}\t{hypothesis}\t{gold}\t{gold}\t{gold}\t{gold}\t{gold}\t{gold}\n"
+    parses = "( x )\t( y )\t(ROOT x)\t(ROOT y)"
+    return f"{i}\t{i}\t{i}e\tfiction\t{parses}\t{premise}\t{hypothesis}\t" + "\t".join([gold] * 6) + "\n"
 
 
 def _write_mnli(root: Path) -> None:
-    rows = [_mnli_row(0, "The cat sat.", "A cat sat.", "entailment"),
-            _mnli_row(1, 'He said "go.', "He spoke.", "neutral"),
-            _mnli_row(2, "It is day.", "It is night.", "contradiction")]
+    rows = [
+        _mnli_row(0, "The cat sat.", "A cat sat.", "entailment"),
+        _mnli_row(1, 'He said "go.', "He spoke.", "neutral"),
+        _mnli_row(2, "It is day.", "It is night.", "contradiction"),
+    ]
     for name in ("train.tsv", "dev_matched.tsv"):
         _write(root / "MNLI" / name, MNLI_HEADER + "".join(rows))
     _write(root / "MNLI" / "dev_mismatched.tsv", MNLI_HEADER + rows[2])
@@ -177,19 +194,23 @@ def test_mnli_fixture_matched_and_mismatched(tmp_path):
 
 
 def test_qqp_fixture(tmp_path):
-    _write(tmp_path / "QQP" / "dev.tsv", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
-           "201359\t303345\t303346\tWhy are African-Americans so beautiful?\tWhy are hispanics so beautiful?\t0\n"
-           '263843\t69383\t380476\tI want to pursue PhD in Computer Science about "social network?\tHow do I pursue a PhD?\t1\n')
+    _write(
+        tmp_path / "QQP" / "dev.tsv",
+        "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+        "201359\t303345\t303346\tWhy are African-Americans so beautiful?\tWhy are hispanics so beautiful?\t0\n"
+        '263843\t69383\t380476\tI want to pursue PhD in Computer Science about "social network?\t'
+        "How do I pursue a PhD?\t1\n",
+    )
     ds = load_split("qqp", "dev", tmp_path)
     assert ds.column_names == ["question1", "question2", "label", "idx"]
     assert ds["label"] == [0, 1] and ds[1]["question1"].endswith('"social network?')
 
 
 def test_cola_fixture_without_header_and_unbalanced_quotes(tmp_path):
-    _write(tmp_path / "CoLA" / "train.tsv",
-           'gj04\t1\t\tSusan whispered "Shut up.\n'
-           "gj04\t0\t*\tThe more does Bill smoke.\n"
-           "gj04\t1\t\tnull\n")  # a sentence that must not become NaN / None
+    _write(
+        tmp_path / "CoLA" / "train.tsv",
+        'gj04\t1\t\tSusan whispered "Shut up.\ngj04\t0\t*\tThe more does Bill smoke.\ngj04\t1\t\tnull\n',
+    )  # a sentence that must not become NaN / None
     ds = load_split("cola", "train", tmp_path)
     assert ds["sentence"] == ['Susan whispered "Shut up.', "The more does Bill smoke.", "null"]
     assert ds["label"] == [1, 0, 1] and ds["idx"] == [0, 1, 2]
@@ -234,8 +255,10 @@ def _fake_hub(rows: list[dict], names: list[str]) -> datasets.Dataset:
 def test_hub_and_local_give_the_same_label_ids(tmp_path, monkeypatch):
     _write_mnli(tmp_path)
     local = load_split("mnli", "train", tmp_path)
-    hub_rows = [{"premise": p, "hypothesis": h, "label": label, "idx": 100 + i}
-                for i, (p, h, label) in enumerate(zip(local["premise"], local["hypothesis"], [0, 1, 2]))]
+    hub_rows = [
+        {"premise": p, "hypothesis": h, "label": label, "idx": 100 + i}
+        for i, (p, h, label) in enumerate(zip(local["premise"], local["hypothesis"], [0, 1, 2]))
+    ]
     calls = []
 
     def fake_load_dataset(path, name=None, split=None, **kwargs):
@@ -255,20 +278,25 @@ def test_hub_and_local_give_the_same_label_ids(tmp_path, monkeypatch):
 
 
 def test_hub_rte_matches_local_rte_strings(tmp_path, monkeypatch):
-    _write(tmp_path / "RTE" / "dev.tsv", "index\tsentence1\tsentence2\tlabel\n"
-           "0\tA man sleeps.\tA man rests.\tentailment\n1\tIt rains.\tIt is dry.\tnot_entailment\n")
+    _write(
+        tmp_path / "RTE" / "dev.tsv",
+        "index\tsentence1\tsentence2\tlabel\n"
+        "0\tA man sleeps.\tA man rests.\tentailment\n1\tIt rains.\tIt is dry.\tnot_entailment\n",
+    )
     local = load_split("rte", "dev", tmp_path)
-    hub_rows = [{"sentence1": "A man sleeps.", "sentence2": "A man rests.", "label": 0, "idx": 0},
-                {"sentence1": "It rains.", "sentence2": "It is dry.", "label": 1, "idx": 1}]
-    monkeypatch.setattr(datasets, "load_dataset",
-                        lambda *a, **k: _fake_hub(hub_rows, ["entailment", "not_entailment"]))
+    hub_rows = [
+        {"sentence1": "A man sleeps.", "sentence2": "A man rests.", "label": 0, "idx": 0},
+        {"sentence1": "It rains.", "sentence2": "It is dry.", "label": 1, "idx": 1},
+    ]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: _fake_hub(hub_rows, ["entailment", "not_entailment"]))
     assert load_split("rte", "dev")["label"] == local["label"] == [0, 1]
 
 
 def test_hub_with_another_label_order_is_refused(monkeypatch):
     rows = [{"premise": "p", "hypothesis": "h", "label": 0, "idx": 0}]
-    monkeypatch.setattr(datasets, "load_dataset",
-                        lambda *a, **k: _fake_hub(rows, ["contradiction", "neutral", "entailment"]))
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda *a, **k: _fake_hub(rows, ["contradiction", "neutral", "entailment"])
+    )
     with pytest.raises(SinkdError, match="labels"):
         load_split("mnli", "train")
 
@@ -293,19 +321,54 @@ def test_offline_hub_with_real_datasets_library(tmp_path):
     """The real `datasets.load_dataset` in offline mode, with an empty cache: one clear SinkdError."""
     env = {k: v for k, v in os.environ.items() if k != "SINKD_DATA_DIR"}
     env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    code = ("from sinkd_ray.data import load_split\nfrom sinkd_ray.errors import SinkdError\n"
-            "try:\n    load_split('rte', 'train')\nexcept SinkdError as e:\n    print('SINKD', e)\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=120, check=False)
+    code = (
+        "from sinkd_ray.data import load_split\nfrom sinkd_ray.errors import SinkdError\n"
+        "try:\n    load_split('rte', 'train')\nexcept SinkdError as e:\n    print('SINKD', e)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("SINKD no network access to the Hugging Face hub to fetch rte train")
     assert "--data-dir" in result.stdout and "SINKD_DATA_DIR" in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------- tokenising
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "cat", "dog", "sat", "on", "mat", "it", "rains",
-         "is", "dry", "man", "sleeps", "rests", ".", ",", ":", "?", '"', "premise", "hypothesis", "sentence", "does",
-         "entail", "answer", "grammatically", "correct", "this"]
+VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "it",
+    "rains",
+    "is",
+    "dry",
+    "man",
+    "sleeps",
+    "rests",
+    ".",
+    ",",
+    ":",
+    "?",
+    '"',
+    "premise",
+    "hypothesis",
+    "sentence",
+    "does",
+    "entail",
+    "answer",
+    "grammatically",
+    "correct",
+    "this",
+]
 
 
 @pytest.fixture(scope="module")
@@ -320,10 +383,13 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture
 def rte_fixture(tmp_path):
-    _write(tmp_path / "RTE" / "train.tsv", "index\tsentence1\tsentence2\tlabel\n"
-           "0\tthe man sleeps .\tthe man rests .\tentailment\n"
-           "1\tit rains .\tit is dry .\tnot_entailment\n"
-           "2\tthe cat sat on the mat , the dog sat on the mat , the man sat on the mat .\tthe cat sat .\tentailment\n")
+    _write(
+        tmp_path / "RTE" / "train.tsv",
+        "index\tsentence1\tsentence2\tlabel\n"
+        "0\tthe man sleeps .\tthe man rests .\tentailment\n"
+        "1\tit rains .\tit is dry .\tnot_entailment\n"
+        "2\tthe cat sat on the mat , the dog sat on the mat , the man sat on the mat .\tthe cat sat .\tentailment\n",
+    )
     return load_split("rte", "train", tmp_path)
 
 
@@ -332,8 +398,19 @@ def test_tokenize_pair_task(rte_fixture, tokenizer):
     assert set(tok.column_names) == {"input_ids", "attention_mask", "token_type_ids", "labels", "idx"}
     assert tok["labels"] == [0, 1, 0] and tok["idx"] == [0, 1, 2]
     ids = tok[0]["input_ids"]
-    assert tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", "the", "man", "sleeps", ".", "[SEP]",
-                                                      "the", "man", "rests", ".", "[SEP]"]
+    assert tokenizer.convert_ids_to_tokens(ids) == [
+        "[CLS]",
+        "the",
+        "man",
+        "sleeps",
+        ".",
+        "[SEP]",
+        "the",
+        "man",
+        "rests",
+        ".",
+        "[SEP]",
+    ]
     assert tok[0]["token_type_ids"] == [0] * 6 + [1] * 5
     long = tok[2]["input_ids"]
     assert len(long) == 12 and long.count(tokenizer.sep_token_id) == 2  # truncated, both segments kept
@@ -350,8 +427,10 @@ def test_tokenize_single_task(tmp_path, tokenizer):
 def test_tokenize_prompt_keeps_the_answer_slot(rte_fixture, tokenizer):
     full = tokenize_split(rte_fixture, "rte", tokenizer, max_length=128, prompt=True)
     tokens = tokenizer.convert_ids_to_tokens(full[0]["input_ids"])
-    assert " ".join(tokens) == ("[CLS] premise : the man sleeps . hypothesis : the man rests . "
-                                "does the premise entail the hypothesis ? answer : [SEP]")
+    assert " ".join(tokens) == (
+        "[CLS] premise : the man sleeps . hypothesis : the man rests . "
+        "does the premise entail the hypothesis ? answer : [SEP]"
+    )
     assert "token_type_ids" not in full.column_names or set(full[0]["token_type_ids"]) == {0}
     short = tokenize_split(rte_fixture, "rte", tokenizer, max_length=10, prompt=True)
     tokens = tokenizer.convert_ids_to_tokens(short[2]["input_ids"])
@@ -405,10 +484,12 @@ def test_eval_sampler_keeps_every_example_in_order():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"num_examples": 100, "global_batch_size": 10, "world_size": 4}, "not a positive multiple"),
-     ({"num_examples": 100, "global_batch_size": 0}, "not a positive multiple"),
-     ({"num_examples": 100, "global_batch_size": 8, "rank": 2, "world_size": 2}, "rank 2"),
-     ({"num_examples": 5, "global_batch_size": 8}, "exceeds the 5 examples")],
+    [
+        ({"num_examples": 100, "global_batch_size": 10, "world_size": 4}, "not a positive multiple"),
+        ({"num_examples": 100, "global_batch_size": 0}, "not a positive multiple"),
+        ({"num_examples": 100, "global_batch_size": 8, "rank": 2, "world_size": 2}, "rank 2"),
+        ({"num_examples": 5, "global_batch_size": 8}, "exceeds the 5 examples"),
+    ],
 )
 def test_sampler_refuses_impossible_settings(kwargs, match):
     with pytest.raises(SinkdError, match=match):
@@ -432,8 +513,10 @@ def test_loader_pads_per_batch_and_carries_labels_and_idx(rte_fixture, tokenizer
 
 def test_loader_with_two_ranks_splits_each_global_batch(rte_fixture, tokenizer):
     tok = tokenize_split(rte_fixture, "rte", tokenizer, max_length=64)
-    idx = [[batch["idx"].tolist() for batch in make_loader(tok, tokenizer, GlobalBatchSampler(3, 2, r, 2, seed=1))]
-           for r in range(2)]
+    idx = [
+        [batch["idx"].tolist() for batch in make_loader(tok, tokenizer, GlobalBatchSampler(3, 2, r, 2, seed=1))]
+        for r in range(2)
+    ]
     single = list(GlobalBatchSampler(3, 2, seed=1))
     assert [idx[0][0] + idx[1][0]] == single
 

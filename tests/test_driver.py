@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sinkd_ray.config import DistillConfig, RunSpec, RuntimeConfig, TrainConfig
-from sinkd_ray.driver import export_best, fit_run, prepare_run, preflight
+from sinkd_ray.driver import export_best, fit_run, preflight, prepare_run
 from sinkd_ray.errors import SinkdError
 from sinkd_ray.storage import StorageLayout
 from sinkd_ray.tasks import get_task
@@ -19,8 +19,18 @@ COLA = get_task("cola")
 
 
 def spec_for(student, teacher, data_dir, distill_cfg=None, **train) -> RunSpec:
-    base = dict(task="cola", student=str(student), student_layers=2, teacher=str(teacher) if teacher else None,
-                data_dir=str(data_dir), max_length=32, epochs=2, lr=1e-3, eval_batch_size=16, bf16=False)
+    base = dict(
+        task="cola",
+        student=str(student),
+        student_layers=2,
+        teacher=str(teacher) if teacher else None,
+        data_dir=str(data_dir),
+        max_length=32,
+        epochs=2,
+        lr=1e-3,
+        eval_batch_size=16,
+        bf16=False,
+    )
     return RunSpec(TrainConfig(**{**base, **train}), distill_cfg or DistillConfig(batch_size=16))
 
 
@@ -32,20 +42,24 @@ def test_preflight_makes_local_paths_absolute(tiny_bert_dir, tiny_teacher_dir, c
     assert Path(checked.train.teacher).is_absolute() and Path(checked.train.data_dir).is_absolute()
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"teacher": "base"}, "is not a cola classifier .* --stage teacher"),
-    ({"student_layers": 12}, "--student-layers 12, but .* has only 4 layers — choose K ≤ 4"),
-    ({"max_train_examples": 8}, "8 training examples give no full step of 16"),
-    ({"student": "/no/such/model"}, "model path '/no/such/model' not found"),
-    ({"teacher": None}, "no --teacher given"),
-    ({"data_dir": "/no/such/dir"}, "no local cola train file under /no/such/dir"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"teacher": "base"}, "is not a cola classifier .* --stage teacher"),
+        ({"student_layers": 12}, "--student-layers 12, but .* has only 4 layers — choose K ≤ 4"),
+        ({"max_train_examples": 8}, "8 training examples give no full step of 16"),
+        ({"student": "/no/such/model"}, "model path '/no/such/model' not found"),
+        ({"teacher": None}, "no --teacher given"),
+        ({"data_dir": "/no/such/dir"}, "no local cola train file under /no/such/dir"),
+    ],
+)
 def test_preflight_refuses_in_one_line(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, change, message):
     values = {"teacher": tiny_teacher_dir, **change}
     if values["teacher"] == "base":
         values["teacher"] = tiny_bert_dir
-    spec = spec_for(values.pop("student", tiny_bert_dir), values.pop("teacher"), values.pop("data_dir", cola_fixture_dir),
-                    **values)
+    spec = spec_for(
+        values.pop("student", tiny_bert_dir), values.pop("teacher"), values.pop("data_dir", cola_fixture_dir), **values
+    )
     with pytest.raises(SinkdError, match=message) as info:
         preflight(spec)
     assert "\n" not in str(info.value)
@@ -101,13 +115,23 @@ def test_teacher_cache_is_reused_and_invalidated(tmp_path, tiny_teacher_dir, col
     with torch.no_grad():
         next(changed.hf_model.parameters()).add_(1e-3)
     changed_dir = changed.save_pretrained(tmp_path / "teacher-v2")
-    path_v2, computed_v2 = cached_teacher_logits(LogitsRequest(str(changed_dir), "cola", "train",
-                                                               str(cola_fixture_dir), max_length=32), tmp_path / "cache")
+    path_v2, computed_v2 = cached_teacher_logits(
+        LogitsRequest(str(changed_dir), "cola", "train", str(cola_fixture_dir), max_length=32), tmp_path / "cache"
+    )
     assert computed_v2 and path_v2 != path
 
 
-@pytest.mark.parametrize("field, value", [("max_length", 16), ("logit_space", "vocab"), ("quantization", "8bit"),
-                                          ("bf16", True), ("split", "dev"), ("task", "sst2")])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_length", 16),
+        ("logit_space", "vocab"),
+        ("quantization", "8bit"),
+        ("bf16", True),
+        ("split", "dev"),
+        ("task", "sst2"),
+    ],
+)
 def test_every_input_of_the_logits_is_in_the_cache_key(tiny_gptneo_dir, field, value):
     """Changing anything the logits depend on changes the key (template too: see the prompt case below)."""
     base = LogitsRequest(str(tiny_gptneo_dir), "cola", "train", None, max_length=32)
@@ -129,8 +153,7 @@ def test_the_prompt_template_is_in_the_cache_key(tiny_gptneo_dir, monkeypatch):
 # ---------------------------------------------------------------------------------------------- export
 
 
-def test_export_never_deletes_and_refuses_the_run_folder(tmp_path, tiny_bert_dir, tiny_teacher_dir,
-                                                         cola_fixture_dir):
+def test_export_never_deletes_and_refuses_the_run_folder(tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir):
     from sinkd_ray.worker import distill
 
     run = tmp_path / "run"
@@ -140,9 +163,13 @@ def test_export_never_deletes_and_refuses_the_run_folder(tmp_path, tiny_bert_dir
     distill(spec, report=lambda m, d: shutil.copytree(d, run / "ckpt_b"))
     (run / "ckpt_gone").mkdir()  # listed, but its files were already removed
     metrics = json.loads((run / "ckpt_b" / "metrics.json").read_text())
-    result = SimpleNamespace(path=str(run), best_checkpoints=[
-        (SimpleNamespace(path=str(run / "ckpt_b")), metrics), (SimpleNamespace(path=str(run / "ckpt_gone")),
-                                                               {"dev_metric": 0.9})])
+    result = SimpleNamespace(
+        path=str(run),
+        best_checkpoints=[
+            (SimpleNamespace(path=str(run / "ckpt_b")), metrics),
+            (SimpleNamespace(path=str(run / "ckpt_gone")), {"dev_metric": 0.9}),
+        ],
+    )
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user file")
@@ -163,15 +190,24 @@ def _prepare(tmp_path, spec):
 
 @pytest.mark.ray
 def test_two_worker_fsdp_run_exports_a_student_that_reproduces_its_metric(
-        tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir):
+    tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
     from sinkd_ray.data import load_split, tokenize_split
     from sinkd_ray.models import load_student
     from sinkd_ray.worker import evaluate
 
     # lr 1e-2 for 5 epochs: what the tiny random BERT needs to pick up the fixture's rule; α = 0: CE + β·Sinkhorn,
     # so the gold labels (not the random test teacher) drive the student.
-    spec = spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, workers=2, lr=1e-2, epochs=5,
-                    warmup_ratio=0.0, distill_cfg=DistillConfig(alpha=0.0, batch_size=16))
+    spec = spec_for(
+        tiny_bert_dir,
+        tiny_teacher_dir,
+        cola_fixture_dir,
+        workers=2,
+        lr=1e-2,
+        epochs=5,
+        warmup_ratio=0.0,
+        distill_cfg=DistillConfig(alpha=0.0, batch_size=16),
+    )
     result = fit_run(_prepare(tmp_path, spec), "fsdp2")
     assert result.error is None
     best = export_best(result, tmp_path / "best")
@@ -185,11 +221,19 @@ def test_two_worker_fsdp_run_exports_a_student_that_reproduces_its_metric(
 
 
 @pytest.mark.ray
-def test_a_crashed_worker_resumes_from_its_last_checkpoint(tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher_dir,
-                                                           cola_fixture_dir):
+def test_a_crashed_worker_resumes_from_its_last_checkpoint(
+    tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
     # 6 steps per epoch, a checkpoint every 2 steps, a crash at step 5 (first attempt only).
-    spec = spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, eval_every_steps=2, fault_at_step=5,
-                    max_failures=1, checkpoints_to_keep=10)  # the history is read from kept checkpoints
+    spec = spec_for(
+        tiny_bert_dir,
+        tiny_teacher_dir,
+        cola_fixture_dir,
+        eval_every_steps=2,
+        fault_at_step=5,
+        max_failures=1,
+        checkpoints_to_keep=10,
+    )  # the history is read from kept checkpoints
     result = fit_run(_prepare(tmp_path, spec), "crash")
     assert result.error is None
     history = result.metrics_dataframe
@@ -200,10 +244,12 @@ def test_a_crashed_worker_resumes_from_its_last_checkpoint(tmp_path, ray_runtime
 
 
 @pytest.mark.ray
-def test_a_diverged_run_fails_at_once_with_one_line_and_is_not_retried(tmp_path, ray_runtime, tiny_bert_dir,
-                                                                       tiny_teacher_dir, cola_fixture_dir):
-    spec = spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, lr=1e30, max_grad_norm=0.0,
-                    warmup_ratio=0.0, max_failures=2)
+def test_a_diverged_run_fails_at_once_with_one_line_and_is_not_retried(
+    tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
+    spec = spec_for(
+        tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, lr=1e30, max_grad_norm=0.0, warmup_ratio=0.0, max_failures=2
+    )
     prepared = _prepare(tmp_path, spec)
     with pytest.raises(SinkdError, match="diverged: lower the learning rate") as info:
         fit_run(prepared, "nan")
@@ -213,14 +259,18 @@ def test_a_diverged_run_fails_at_once_with_one_line_and_is_not_retried(tmp_path,
 
 
 @pytest.mark.ray
-def test_a_request_the_cluster_cannot_place_is_refused_at_once(tmp_path, ray_runtime, tiny_bert_dir,
-                                                               tiny_teacher_dir, cola_fixture_dir):
+def test_a_request_the_cluster_cannot_place_is_refused_at_once(
+    tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
     spec = spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, gpus_per_worker=1.0)
     with pytest.raises(SinkdError, match=r"cannot place 1 worker\(s\) × .*'GPU': 1.0"):
         prepare_run(spec, StorageLayout.at(str(tmp_path / "runs")), RuntimeConfig(resources_wait=0))
     with pytest.raises(SinkdError, match="after 2 s the cluster still cannot place"):
-        prepare_run(spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, workers=8),  # 8 CPUs of 4
-                    StorageLayout.at(str(tmp_path / "runs")), RuntimeConfig(resources_wait=2))
+        prepare_run(
+            spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, workers=8),  # 8 CPUs of 4
+            StorageLayout.at(str(tmp_path / "runs")),
+            RuntimeConfig(resources_wait=2),
+        )
 
 
 # ------------------------------------------------------------------------ layout, GPU paths on paper
@@ -278,8 +328,9 @@ def test_a_live_teacher_is_loaded_in_bf16_under_bf16(tiny_bert_dir, tiny_teacher
     from sinkd_ray.worker import DistillRecipe
 
     for bf16, dtype in ((True, torch.bfloat16), (False, torch.float32)):
-        recipe = DistillRecipe(spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, teacher_source="live",
-                                        bf16=bf16))
+        recipe = DistillRecipe(
+            spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, teacher_source="live", bf16=bf16)
+        )
         recipe.setup()
         assert next(recipe.teacher.teacher.hf_model.parameters()).dtype == dtype
 

@@ -9,13 +9,16 @@ from sinkd_ray.config import TrainConfig
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("caps, native", [
-    ({"avx512_bf16": True, "amx_bf16": True}, True),
-    ({"avx512_bf16": True}, True),
-    ({"amx_bf16": True}, True),
-    ({"avx2": True, "avx512": True}, False),  # AVX-512 without its BF16 extension: emulated, slow
-    ({}, False),
-])
+@pytest.mark.parametrize(
+    "caps, native",
+    [
+        ({"avx512_bf16": True, "amx_bf16": True}, True),
+        ({"avx512_bf16": True}, True),
+        ({"amx_bf16": True}, True),
+        ({"avx2": True, "avx512": True}, False),  # AVX-512 without its BF16 extension: emulated, slow
+        ({}, False),
+    ],
+)
 def test_auto_follows_the_cpu_capability_probe(monkeypatch, caps, native):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
     assert hardware.resolve_bf16(None, CPU) is native

@@ -3,7 +3,6 @@ variant with its own marginals, numerics, scale semantics, and the divergences a
 
 import inspect
 import math
-import sys
 import warnings
 
 import numpy as np
@@ -70,8 +69,7 @@ def pot_cost(cost, lam, n_iters):
     n, m = cost.shape
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float(ot.sinkhorn2(np.full(m, 1 / m), np.full(n, 1 / n), cost.T, lam, numItermax=n_iters,
-                                  stopThr=0))
+        return float(ot.sinkhorn2(np.full(m, 1 / m), np.full(n, 1 / n), cost.T, lam, numItermax=n_iters, stopThr=0))
 
 
 def unrolled_autograd_cost(cost, lam, n_iters):
@@ -290,8 +288,14 @@ def test_chunked_pairwise_distance_matches_cdist(p):
 
 def test_invalid_sinkhorn_arguments_raise_sinkd_error():
     t = random_probs(4, 3, seed=17)
-    for kwargs in ({"variant": "rows"}, {"mass": "total"}, {"grad": "implicit"}, {"lam": 0.0}, {"n_iters": 0},
-                   {"p": 0.5}):
+    for kwargs in (
+        {"variant": "rows"},
+        {"mass": "total"},
+        {"grad": "implicit"},
+        {"lam": 0.0},
+        {"n_iters": 0},
+        {"p": 0.5},
+    ):
         with pytest.raises(SinkdError):
             sinkhorn_loss(t, t, **kwargs)
     with pytest.raises(SinkdError, match="b × d"):

@@ -72,8 +72,11 @@ def test_support_cost_is_the_coarsened_l1_and_brackets_the_exact_cost(kind):
     t, s = probs(t_logits), probs(s_logits)
     # a loose tolerance, so that the tails are large and the bound has something to bound (flat on both sides,
     # the kept columns of the two rankings cover nearly all d: keep a random fifth of them instead)
-    support = (vocabulary_support(t, s, max_tail_mass=0.2) if kind != "random"
-               else torch.randperm(3000, generator=torch.Generator().manual_seed(0))[:600].sort().values)
+    support = (
+        vocabulary_support(t, s, max_tail_mass=0.2)
+        if kind != "random"
+        else torch.randperm(3000, generator=torch.Generator().manual_seed(0))[:600].sort().values
+    )
     cost, slack = support_l1_cost(s, t, support)
     ref_cost, ref_slack = coarsened_l1_numpy(s, t, support)
     np.testing.assert_allclose(cost.numpy(), ref_cost, rtol=1e-10, atol=1e-12)
@@ -131,12 +134,20 @@ def test_vocabulary_support_leaves_one_side_every_tail_within_the_tolerance():
     assert vocabulary_support(t, s, max_tail_mass=0.01, max_columns=1000) is None  # flat on both sides
 
 
-@pytest.mark.parametrize("kind,max_tail_mass,max_rel_err,min_cosine", [
-    ("lm", 0.01, 1e-5, 0.9999),  # the tail bucket is exact when one side's tail dominates column by column
-    ("lm", 0.1, 5e-3, 0.99),  # a loose tolerance: few columns kept, the error shows and stays within the bound
-    ("random", 0.01, 0.01, 0.99),  # flat on both sides: ~99 % of the columns kept, the tails' signs are mixed
-    ("peaked", 0.01, 1e-4, 0.9),  # tails are all noise: the gradient there (weights s_ic ≤ 1e-4) is only roughly kept
-])
+@pytest.mark.parametrize(
+    "kind,max_tail_mass,max_rel_err,min_cosine",
+    [
+        ("lm", 0.01, 1e-5, 0.9999),  # the tail bucket is exact when one side's tail dominates column by column
+        ("lm", 0.1, 5e-3, 0.99),  # a loose tolerance: few columns kept, the error shows and stays within the bound
+        ("random", 0.01, 0.01, 0.99),  # flat on both sides: ~99 % of the columns kept, the tails' signs are mixed
+        (
+            "peaked",
+            0.01,
+            1e-4,
+            0.9,
+        ),  # tails are all noise: the gradient there (weights s_ic ≤ 1e-4) is only roughly kept
+    ],
+)
 def test_support_loss_and_gradient_close_to_exact(kind, max_tail_mass, max_rel_err, min_cosine):
     t_logits, s_logits = logits(kind, 32, 4000, seed=7, dtype=torch.float32)
     teacher = probs(t_logits)
@@ -171,13 +182,16 @@ def test_auto_uses_the_support_only_above_the_size_and_when_it_is_small():
     assert choose_batch_cost(flat_t, flat_s) is None  # both flat: the support would be no faster
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"cost": "fast"}, "sinkhorn cost='fast' is not one of ['auto', 'exact', 'support']"),
-    ({"cost": "support", "max_tail_mass": 0.0}, "max_tail_mass=0.0 must be in (0, 1)"),
-    ({"cost": "support", "max_tail_mass": 1.5}, "max_tail_mass=1.5 must be in (0, 1)"),
-    ({"cost": "support", "p": 2.0}, "sinkhorn cost='support' bounds only the L1 cost, got p=2.0"),
-    ({"cost": "support", "variant": "sample"}, "sinkhorn cost='support' is for the batch-wise variant"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"cost": "fast"}, "sinkhorn cost='fast' is not one of ['auto', 'exact', 'support']"),
+        ({"cost": "support", "max_tail_mass": 0.0}, "max_tail_mass=0.0 must be in (0, 1)"),
+        ({"cost": "support", "max_tail_mass": 1.5}, "max_tail_mass=1.5 must be in (0, 1)"),
+        ({"cost": "support", "p": 2.0}, "sinkhorn cost='support' bounds only the L1 cost, got p=2.0"),
+        ({"cost": "support", "variant": "sample"}, "sinkhorn cost='support' is for the batch-wise variant"),
+    ],
+)
 def test_bad_arguments_raise_one_line(kwargs, message):
     t = torch.full((4, 5), 0.2)
     with pytest.raises(SinkdError) as info:

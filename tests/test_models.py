@@ -93,7 +93,9 @@ def test_vocab_logits_shape(family, request):
 def test_student_logits_carry_gradients(family, request):
     student = load_student(request.getfixturevalue(FAMILY_DIRS[family]), COLA)
     enc = batch(student)
-    torch.nn.functional.cross_entropy(student(enc["input_ids"], enc["attention_mask"]), torch.tensor([0, 1, 1])).backward()
+    torch.nn.functional.cross_entropy(
+        student(enc["input_ids"], enc["attention_mask"]), torch.tensor([0, 1, 1])
+    ).backward()
     embeddings = student.hf_model.get_input_embeddings().weight
     assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
 
@@ -123,7 +125,8 @@ def test_label_token_ids_are_the_first_answer_tokens(tiny_gptneo_dir, tiny_t5_di
     tokenizer = teacher.tokenizer
     assert teacher.label_token_ids.tolist() == tokenizer.convert_tokens_to_ids(["yes", "no"])
     assert label_token_ids(tokenizer, ("maybe", "no"), "encoder-decoder") == tokenizer.convert_tokens_to_ids(
-        ["maybe", "no"])
+        ["maybe", "no"]
+    )
     # a word outside the vocab is read at its first sub-token: 'yesterday' → 'yes' '##t' … collides with 'yes'
     with pytest.raises(SinkdError, match="label words 'yes' and 'yesterday' both start with token 'yes'"):
         label_token_ids(tokenizer, ("yes", "yesterday"), "decoder")
@@ -175,11 +178,14 @@ def _stack(model: LogitModel, path: str):
     return model.hf_model.base_model.get_submodule(path)
 
 
-@pytest.mark.parametrize("family, stacks, config_fields", [
-    ("encoder", ["encoder.layer"], ["num_hidden_layers"]),
-    ("encoder-decoder", ["encoder.block", "decoder.block"], ["num_layers", "num_decoder_layers"]),
-    ("decoder", ["h"], ["num_layers"]),
-])
+@pytest.mark.parametrize(
+    "family, stacks, config_fields",
+    [
+        ("encoder", ["encoder.layer"], ["num_hidden_layers"]),
+        ("encoder-decoder", ["encoder.block", "decoder.block"], ["num_layers", "num_decoder_layers"]),
+        ("decoder", ["h"], ["num_layers"]),
+    ],
+)
 def test_student_keeps_first_k_layers_and_reloads(family, stacks, config_fields, request, tmp_path):
     path = request.getfixturevalue(FAMILY_DIRS[family])
     torch.manual_seed(0)
@@ -208,8 +214,13 @@ def test_student_keeps_first_k_layers_and_reloads(family, stacks, config_fields,
 def _tiny_configs():
     from transformers import DistilBertConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MPNetConfig, Qwen2Config
 
-    small = {"vocab_size": 64, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32,
-             "num_hidden_layers": 3}
+    small = {
+        "vocab_size": 64,
+        "hidden_size": 16,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "num_hidden_layers": 3,
+    }
     return {
         "gpt2": GPT2Config(vocab_size=64, n_embd=16, n_head=2, n_layer=3, n_positions=32),
         "llama": LlamaConfig(**small, num_key_value_heads=2, max_position_embeddings=32),
@@ -244,8 +255,16 @@ def test_truncation_errors(tiny_gptneo_dir):
         load_student(tiny_gptneo_dir, COLA, num_layers=9)
     with pytest.raises(SinkdError, match="num_layers=0 is invalid"):
         load_student(tiny_gptneo_dir, COLA, num_layers=0)
-    albert = AlbertModel(AlbertConfig(vocab_size=32, embedding_size=8, hidden_size=16, num_attention_heads=2,
-                                      intermediate_size=16, num_hidden_layers=2))
+    albert = AlbertModel(
+        AlbertConfig(
+            vocab_size=32,
+            embedding_size=8,
+            hidden_size=16,
+            num_attention_heads=2,
+            intermediate_size=16,
+            num_hidden_layers=2,
+        )
+    )
     with pytest.raises(SinkdError, match="cannot truncate model_type 'albert'"):
         truncate_layers(albert, 1)
 
@@ -274,8 +293,10 @@ def test_fingerprint_changes_with_weights(bert_teacher_dir, tmp_path):
 
 
 def test_missing_path_is_one_clear_error(tmp_path):
-    message = (f"model path '{tmp_path / 'nope'}' not found — pass a local directory with config.json, "
-               "or a hub id with network access")
+    message = (
+        f"model path '{tmp_path / 'nope'}' not found — pass a local directory with config.json, an "
+        "offline:<name> model, or a hub id with network access"
+    )
     for call in (load_teacher, load_student):
         with pytest.raises(SinkdError) as err:
             call(tmp_path / "nope", COLA)

@@ -1,10 +1,8 @@
 """The combined objective: weights and ablation switches, the β term's mass semantics for every divergence
 (Table 4 like with like), the paper presets, the global-batch gather, and CE-only runs."""
 
-import math
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,8 +23,11 @@ def one_thread():
 
 def batch(seed=19, b=16, d=3):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, d, generator=g, requires_grad=True), torch.randn(b, d, generator=g),
-            torch.randint(0, d, (b,), generator=g))
+    return (
+        torch.randn(b, d, generator=g, requires_grad=True),
+        torch.randn(b, d, generator=g),
+        torch.randint(0, d, (b,), generator=g),
+    )
 
 
 def test_components_sum_to_total_with_the_weights():
@@ -42,20 +43,26 @@ def test_components_sum_to_total_with_the_weights():
     assert parts["total"] == pytest.approx(total.item())
     assert parts["ce"] == pytest.approx(ce(student, labels).item())
     assert parts["kl"] == pytest.approx(kl(student, teacher, 2.0).item())
-    probs = lambda z: torch.softmax(z / cfg.tau_sd, -1)
+
+    def probs(z):
+        return torch.softmax(z / cfg.tau_sd, -1)
+
     assert parts["sd"] == pytest.approx(sinkhorn_loss(probs(teacher), probs(student)).item(), rel=1e-6)
     total.backward()
     assert torch.isfinite(student.grad).all()
 
 
-@pytest.mark.parametrize("overrides,zeroed,expected", [
-    ({"distribution_term": "none"}, {"sd"}, lambda p: 0.1 * p["ce"] + 0.9 * p["kl"]),
-    ({"beta": 0.0}, {"sd"}, lambda p: 0.1 * p["ce"] + 0.9 * p["kl"]),
-    ({"alpha": 0.0}, {"kl"}, lambda p: p["ce"] + 0.8 * p["sd"]),
-    ({"alpha": 1.0}, {"ce"}, lambda p: p["kl"] + 0.8 * p["sd"]),
-    ({"use_ce": False}, {"ce"}, lambda p: 0.9 * p["kl"] + 0.8 * p["sd"]),
-    ({"use_kl": False}, {"kl"}, lambda p: 0.1 * p["ce"] + 0.8 * p["sd"]),
-])
+@pytest.mark.parametrize(
+    "overrides,zeroed,expected",
+    [
+        ({"distribution_term": "none"}, {"sd"}, lambda p: 0.1 * p["ce"] + 0.9 * p["kl"]),
+        ({"beta": 0.0}, {"sd"}, lambda p: 0.1 * p["ce"] + 0.9 * p["kl"]),
+        ({"alpha": 0.0}, {"kl"}, lambda p: p["ce"] + 0.8 * p["sd"]),
+        ({"alpha": 1.0}, {"ce"}, lambda p: p["kl"] + 0.8 * p["sd"]),
+        ({"use_ce": False}, {"ce"}, lambda p: 0.9 * p["kl"] + 0.8 * p["sd"]),
+        ({"use_kl": False}, {"kl"}, lambda p: 0.1 * p["ce"] + 0.8 * p["sd"]),
+    ],
+)
 def test_ablation_switches_zero_the_right_terms(overrides, zeroed, expected):
     student, teacher, labels = batch()
     total, parts = sinkd_objective(student, teacher, labels, DistillConfig(**overrides))
@@ -81,8 +88,11 @@ def test_variants_and_gather(variant):
     (grad_gathered,) = torch.autograd.grad(gathered, student)
     assert gathered.item() == pytest.approx(plain.item(), rel=1e-7)
     assert torch.allclose(grad_plain, grad_gathered)
+
     # two "workers" holding the same shard: unit mass gives the same distribution term, batch mass twice it
-    twice = lambda x: torch.cat([x, x])
+    def twice(x):
+        return torch.cat([x, x])
+
     _, parts_2 = sinkd_objective(student, teacher, labels, cfg, gather=twice)
     assert parts_2["sd"].item() == pytest.approx(parts["sd"].item(), rel=1e-5)
     released = DistillConfig(sinkhorn_variant=variant, sinkhorn_scale_preset="released")
@@ -102,8 +112,9 @@ def _data_parallel_worker(rank, world, port, results):
         student, teacher, labels = batch(seed=21, b=8)
         rows = slice(rank * 4, rank * 4 + 4)
         local = student.detach()[rows].clone().requires_grad_()
-        total, _ = sinkd_objective(local, teacher[rows], labels[rows], DistillConfig(),
-                                   gather=lambda x: torch.cat(all_gather(x)))
+        total, _ = sinkd_objective(
+            local, teacher[rows], labels[rows], DistillConfig(), gather=lambda x: torch.cat(all_gather(x))
+        )
         total.backward()
         results[rank] = local.grad / world  # what data-parallel gradient averaging would apply
     finally:
@@ -178,9 +189,11 @@ def test_replacements_get_the_sinkhorn_terms_mass_and_scale(term, fn):
     assert parts["sd"].item() == pytest.approx(0.001 * 16 * fn(student, teacher, 2.0).item(), rel=1e-6)
     sinkhorn = DistillConfig(sinkhorn_scale_preset="released", batch_size=16)
     _, sk = sinkd_objective(student, teacher, labels, sinkhorn)
-    probs = lambda z: torch.softmax(z / 2.0, -1)
-    assert sk["sd"].item() == pytest.approx(0.001 * 16 * sinkhorn_loss(probs(teacher), probs(student)).item(),
-                                            rel=1e-6)
+
+    def probs(z):
+        return torch.softmax(z / 2.0, -1)
+
+    assert sk["sd"].item() == pytest.approx(0.001 * 16 * sinkhorn_loss(probs(teacher), probs(student)).item(), rel=1e-6)
 
 
 def test_online_teacher_loss_pulls_the_teacher_toward_the_student():

@@ -13,9 +13,23 @@ from sinkd_ray.worker import distill
 
 
 def _tcfg(tiny_bert_dir, teacher, data_dir, **kw) -> TrainConfig:
-    return TrainConfig(**{**dict(task="cola", student=str(tiny_bert_dir), student_layers=2, teacher=str(teacher),
-                                 data_dir=str(data_dir), max_length=32, epochs=1, lr=1e-3, eval_batch_size=16,
-                                 bf16=False), **kw})
+    return TrainConfig(
+        **{
+            **dict(
+                task="cola",
+                student=str(tiny_bert_dir),
+                student_layers=2,
+                teacher=str(teacher),
+                data_dir=str(data_dir),
+                max_length=32,
+                epochs=1,
+                lr=1e-3,
+                eval_batch_size=16,
+                bf16=False,
+            ),
+            **kw,
+        }
+    )
 
 
 def _teacher_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -24,8 +38,9 @@ def _teacher_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-def test_online_teacher_trains_only_its_modules_and_bypasses_the_cache(tmp_path, tiny_bert_dir, tiny_teacher_dir,
-                                                                      cola_fixture_dir, monkeypatch):
+def test_online_teacher_trains_only_its_modules_and_bypasses_the_cache(
+    tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, monkeypatch
+):
     from sinkd_ray.driver import prepare_teacher_logits
     from sinkd_ray.storage import StorageLayout
 
@@ -74,8 +89,7 @@ def test_online_teacher_trains_only_its_modules_and_bypasses_the_cache(tmp_path,
             assert torch.equal(value, base[name]), name
 
 
-def test_online_teacher_state_travels_in_the_checkpoint(tmp_path, tiny_bert_dir, tiny_teacher_dir,
-                                                        cola_fixture_dir):
+def test_online_teacher_state_travels_in_the_checkpoint(tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir):
     from safetensors.torch import load_file
 
     tcfg = _tcfg(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, max_train_examples=32)
@@ -100,8 +114,21 @@ def test_both_are_selectable_from_the_train_command_line():
     from sinkd_ray.cli import config_from_args
     from sinkd_ray.train import build_parser
 
-    args = build_parser().parse_args(["--gamma", "0.5", "--ranking-k", "3", "--ranking-kind", "logistic",
-                                      "--online-teacher", "--online-lr", "3e-4", "--online-rank", "4"])
+    args = build_parser().parse_args(
+        [
+            "--gamma",
+            "0.5",
+            "--ranking-k",
+            "3",
+            "--ranking-kind",
+            "logistic",
+            "--online-teacher",
+            "--online-lr",
+            "3e-4",
+            "--online-rank",
+            "4",
+        ]
+    )
     dcfg = config_from_args(DistillConfig, args)
     assert (dcfg.gamma, dcfg.ranking_k, dcfg.ranking_kind) == (0.5, 3, "logistic")
     assert dcfg.online_teacher and dcfg.online_lr == 3e-4 and dcfg.online_rank == 4
@@ -113,17 +140,25 @@ def test_both_are_selectable_from_the_train_command_line():
 def test_online_modules_attach_to_every_model_family(request, family_dir, cola_fixture_dir):
     from sinkd_ray.data import load_split, tokenize_split
     from sinkd_ray.models import load_teacher
-    from sinkd_ray.tasks import get_task
     from sinkd_ray.online_teacher import OnlineTeacher
+    from sinkd_ray.tasks import get_task
     from sinkd_ray.worker import TeacherLogits
 
     task = get_task("cola")
     teacher = load_teacher(str(request.getfixturevalue(family_dir)), task)
-    tokenized = tokenize_split(load_split(task, "train", str(cola_fixture_dir)), task, teacher.tokenizer, 32,
-                               prompt=teacher.family != "encoder")
-    online = OnlineTeacher(TeacherLogits(teacher=teacher, tokenized={"train": tokenized}),
-                           DistillConfig(batch_size=4, online_teacher=True, online_lr=1e-2), total_steps=2,
-                           warmup_steps=0)
+    tokenized = tokenize_split(
+        load_split(task, "train", str(cola_fixture_dir)),
+        task,
+        teacher.tokenizer,
+        32,
+        prompt=teacher.family != "encoder",
+    )
+    online = OnlineTeacher(
+        TeacherLogits(teacher=teacher, tokenized={"train": tokenized}),
+        DistillConfig(batch_size=4, online_teacher=True, online_lr=1e-2),
+        total_steps=2,
+        warmup_steps=0,
+    )
     base = {n: p.detach().clone() for n, p in teacher.hf_model.named_parameters() if "lora_" not in n}
     idx = torch.tensor([0, 1, 2, 3])
     t_logits = online.logits(idx, torch.device("cpu"))

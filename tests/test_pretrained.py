@@ -46,10 +46,24 @@ def test_resolver_assembles_once_and_refuses_a_corrupted_assembly(cache, name):
         pretrained.offline_model_path(name)
 
     # through the CLI: one line, exit 2, no traceback
-    proc = subprocess.run([sys.executable, "-m", "sinkd_ray.train", "--student", f"offline:{name}",
-                           "--teacher", f"offline:{name}", "--data-dir", "/nonexistent"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "SINKD_CACHE_DIR": str(cache)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sinkd_ray.train",
+            "--student",
+            f"offline:{name}",
+            "--teacher",
+            f"offline:{name}",
+            "--data-dir",
+            "/nonexistent",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "SINKD_CACHE_DIR": str(cache)},
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: the assembled offline:") and "corrupted" in err[0]

@@ -23,8 +23,9 @@ def test_ranking_hinge_matches_a_hand_computed_case():
     expected = ((0.5 + 1.0) + (0.5 + 0.5) + max(0.0, 0.5 - 0.5)) / 3
     assert float(ranking_loss(student, teacher, k=3, margin=0.5)) == pytest.approx(expected)
     logistic = float(ranking_loss(student, teacher, k=3, margin=0.5, kind="logistic"))
-    assert logistic == pytest.approx(sum(torch.nn.functional.softplus(torch.tensor(v)).item()
-                                         for v in (1.5, 1.0, 0.0)) / 3)
+    assert logistic == pytest.approx(
+        sum(torch.nn.functional.softplus(torch.tensor(v)).item() for v in (1.5, 1.0, 0.0)) / 3
+    )
 
 
 def test_ranking_is_positive_when_the_order_is_wrong_or_within_the_margin():
@@ -68,9 +69,16 @@ def test_gamma_adds_the_ranking_term_to_the_objective():
     assert float(parts["rank"]) > 0
 
 
-@pytest.mark.parametrize("bad, match", [({"gamma": -0.1}, "gamma"), ({"ranking_k": 1}, "ranking_k"),
-                                        ({"ranking_kind": "margin"}, "ranking_kind"),
-                                        ({"online_rank": 0}, "online_rank"), ({"online_lr": 0.0}, "online_lr")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"gamma": -0.1}, "gamma"),
+        ({"ranking_k": 1}, "ranking_k"),
+        ({"ranking_kind": "margin"}, "ranking_kind"),
+        ({"online_rank": 0}, "online_rank"),
+        ({"online_lr": 0.0}, "online_lr"),
+    ],
+)
 def test_ranking_and_online_settings_are_validated(bad, match):
     with pytest.raises(SinkdError, match=match):
         DistillConfig(**bad)

@@ -14,6 +14,6 @@ def test_cluster_yaml_is_valid_yaml_with_a_cluster_name():
 
 def test_readme_opens_with_the_two_commands_ci_runs():
     lines = (REPO / "README.md").read_text().splitlines()
-    block = lines[lines.index("```bash") + 1: lines.index("```")]
+    block = lines[lines.index("```bash") + 1 : lines.index("```")]
     assert block == ["make demo", "make test"]
     assert "make test" in (REPO / ".ci" / "run").read_text()

@@ -23,13 +23,37 @@ def reproduce():
 
 
 def _argv(out: Path, teacher, student, data, *extra):
-    return ["--task", "cola", "--data-dir", str(data), "--teacher", str(teacher), "--student", str(student),
-            "--student-layers", "2", "--seeds", "2", "--epochs", "1", "--batch-size", "16", "--lr", "1e-3",
-            "--max-length", "32", "--no-bf16", "--out-dir", str(out), *extra]
+    return [
+        "--task",
+        "cola",
+        "--data-dir",
+        str(data),
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "--student-layers",
+        "2",
+        "--seeds",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--max-length",
+        "32",
+        "--no-bf16",
+        "--out-dir",
+        str(out),
+        *extra,
+    ]
 
 
-def test_reproduce_writes_tables_logs_runs_and_reuses_finished_ones(tmp_path, reproduce, tiny_bert_dir,
-                                                                   tiny_teacher_dir, cola_fixture_dir, capsys):
+def test_reproduce_writes_tables_logs_runs_and_reuses_finished_ones(
+    tmp_path, reproduce, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, capsys
+):
     out = tmp_path / "repro"
     argv = _argv(out, tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, "--tables", "2,3")
     assert reproduce.main(argv) == 0
@@ -92,14 +116,17 @@ def test_untyped_fields_take_the_papers_settings_and_typed_flags_win(reproduce):
     assert spec.train.max_length == reproduce.TrainConfig().max_length  # the CLIs' default, not a copy of it
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"data": "missing"}, "CoLA"),
-    ({"teacher": "missing"}, "missing-teacher"),
-    ({"extra": ["--tables", "2,9"]}, "unknown table"),
-])
-def test_reproduce_exits_with_one_line_when_inputs_are_missing(tmp_path, reproduce, tiny_bert_dir,
-                                                              tiny_teacher_dir, cola_fixture_dir, change, match,
-                                                              capsys):
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"data": "missing"}, "CoLA"),
+        ({"teacher": "missing"}, "missing-teacher"),
+        ({"extra": ["--tables", "2,9"]}, "unknown table"),
+    ],
+)
+def test_reproduce_exits_with_one_line_when_inputs_are_missing(
+    tmp_path, reproduce, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, change, match, capsys
+):
     data = tmp_path / "nowhere" if change.get("data") else cola_fixture_dir
     teacher = tmp_path / "missing-teacher" if change.get("teacher") else tiny_teacher_dir
     argv = _argv(tmp_path / "out", teacher, tiny_bert_dir, data, *change.get("extra", []))

@@ -42,7 +42,8 @@ def test_left_and_right_padding_give_the_answer_logits_of_the_unpadded_prompt(sm
 
 
 def test_a_short_vocabulary_distillation_run_exports_a_student_that_reproduces_its_score(
-        tmp_path, smollm2, shared_data, capsys):
+    tmp_path, smollm2, shared_data, capsys
+):
     """Teacher: the model's first 6 layers; student: its first 2; CoLA prompts, vocabulary logits (the paper's
     choice for generative models), bf16 'auto'. The exported student scores what the run reported."""
     teacher = load_teacher(str(smollm2), COLA)
@@ -50,10 +51,24 @@ def test_a_short_vocabulary_distillation_run_exports_a_student_that_reproduces_i
 
     truncate_layers(teacher.hf_model, 6)
     teacher_dir = teacher.save_pretrained(tmp_path / "teacher")
-    spec = RunSpec(TrainConfig(task="cola", student=str(smollm2), student_layers=2, teacher=str(teacher_dir),
-                               teacher_source="live", logit_space="paper", data_dir=str(shared_data), max_length=48,
-                               epochs=1, lr=1e-4, max_train_examples=48, max_eval_examples=48, eval_batch_size=16),
-                   DistillConfig(batch_size=16, sinkhorn_scale_preset="released"))
+    spec = RunSpec(
+        TrainConfig(
+            task="cola",
+            student=str(smollm2),
+            student_layers=2,
+            teacher=str(teacher_dir),
+            teacher_source="live",
+            logit_space="paper",
+            data_dir=str(shared_data),
+            max_length=48,
+            epochs=1,
+            lr=1e-4,
+            max_train_examples=48,
+            max_eval_examples=48,
+            eval_batch_size=16,
+        ),
+        DistillConfig(batch_size=16, sinkhorn_scale_preset="released"),
+    )
     reports = []
 
     def report(metrics, checkpoint_dir):
@@ -63,8 +78,9 @@ def test_a_short_vocabulary_distillation_run_exports_a_student_that_reproduces_i
     distill(spec, report=report)
     from sinkd_ray.hardware import cpu_has_native_bf16
 
-    assert f"precision: {'bf16 autocast' if cpu_has_native_bf16() else 'float32'} on cpu (auto" in \
-        capsys.readouterr().out
+    assert (
+        f"precision: {'bf16 autocast' if cpu_has_native_bf16() else 'float32'} on cpu (auto" in capsys.readouterr().out
+    )
     metrics = reports[-1]
     assert metrics["step"] == 3 and metrics["train_sd"] > 0 and metrics["train_kl"] > 0
     exported = checkpoints.export_student(tmp_path / "checkpoint", tmp_path / "student")
@@ -72,7 +88,8 @@ def test_a_short_vocabulary_distillation_run_exports_a_student_that_reproduces_i
     assert (student.family, student.logit_space, student.hf_model.config.num_hidden_layers) == ("decoder", "vocab", 2)
     dev = tokenize_split(load_split(COLA, "dev", str(shared_data)), COLA, student.tokenizer, 48, prompt=True)
     dev = dev.select(range(48))
-    again = evaluate(student, COLA, dev, per_worker=16, rank=0, world=1, device=torch.device("cpu"),
-                     bf16=cpu_has_native_bf16())  # as the run evaluated (auto)
+    again = evaluate(
+        student, COLA, dev, per_worker=16, rank=0, world=1, device=torch.device("cpu"), bf16=cpu_has_native_bf16()
+    )  # as the run evaluated (auto)
     assert again["mcc"] == pytest.approx(exported["dev_metric"], abs=1e-9)
     assert again["accuracy"] == pytest.approx(exported["dev_accuracy"], abs=1e-9)

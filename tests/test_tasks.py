@@ -22,9 +22,22 @@ def test_registry_holds_the_papers_tasks_and_superglue():
 
 @pytest.mark.parametrize(
     "alias, name",
-    [("CoLA", "cola"), ("SST-2", "sst2"), ("sst_2", "sst2"), ("Sst2", "sst2"), ("MRPC", "mrpc"),
-     ("QQP", "qqp"), ("MNLI", "mnli"), ("qnli", "qnli"), ("RTE", "rte"), ("SuperGLUE-RTE", "superglue-rte"),
-     ("super_glue_rte", "superglue-rte"), ("CB", "cb"), ("superglue-cb", "cb"), ("SuperGLUE_CB", "cb")],
+    [
+        ("CoLA", "cola"),
+        ("SST-2", "sst2"),
+        ("sst_2", "sst2"),
+        ("Sst2", "sst2"),
+        ("MRPC", "mrpc"),
+        ("QQP", "qqp"),
+        ("MNLI", "mnli"),
+        ("qnli", "qnli"),
+        ("RTE", "rte"),
+        ("SuperGLUE-RTE", "superglue-rte"),
+        ("super_glue_rte", "superglue-rte"),
+        ("CB", "cb"),
+        ("superglue-cb", "cb"),
+        ("SuperGLUE_CB", "cb"),
+    ],
 )
 def test_aliases_are_case_insensitive(alias, name):
     assert get_task(alias) is TASKS[name]
@@ -64,9 +77,15 @@ def test_hub_label_orders_and_columns():
     assert {name: TASKS[name].label_names for name in expected} == expected
     fields = {name: TASKS[name].text_fields for name in expected}
     assert fields == {
-        "cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("sentence1", "sentence2"),
-        "qqp": ("question1", "question2"), "mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence"),
-        "rte": ("sentence1", "sentence2"), "superglue-rte": ("premise", "hypothesis"), "cb": ("premise", "hypothesis"),
+        "cola": ("sentence",),
+        "sst2": ("sentence",),
+        "mrpc": ("sentence1", "sentence2"),
+        "qqp": ("question1", "question2"),
+        "mnli": ("premise", "hypothesis"),
+        "qnli": ("question", "sentence"),
+        "rte": ("sentence1", "sentence2"),
+        "superglue-rte": ("premise", "hypothesis"),
+        "cb": ("premise", "hypothesis"),
     }
     assert [TASKS[n].is_pair for n in ("cola", "sst2", "rte")] == [False, False, True]
 
@@ -84,8 +103,15 @@ def test_hub_ids_and_splits():
 
 def test_primary_metrics_are_the_papers():
     assert {n: TASKS[n].metric for n in PAPER_AND_SUPERGLUE} == {
-        "cola": "mcc", "sst2": "accuracy", "mrpc": "f1", "qqp": "f1", "mnli": "accuracy",
-        "qnli": "accuracy", "rte": "accuracy", "superglue-rte": "accuracy", "cb": "accuracy",
+        "cola": "mcc",
+        "sst2": "accuracy",
+        "mrpc": "f1",
+        "qqp": "f1",
+        "mnli": "accuracy",
+        "qnli": "accuracy",
+        "rte": "accuracy",
+        "superglue-rte": "accuracy",
+        "cb": "accuracy",
     }
 
 

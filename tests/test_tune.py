@@ -57,10 +57,32 @@ def tiny_teacher(tmp_path_factory, tiny_bert_dir):
 def _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, *extra, space_text=SPACE):
     space = tmp_path / "space.yaml"
     space.write_text(space_text)
-    return ["--task", "cola", "--teacher", str(tiny_teacher), "--student", str(tiny_bert_dir),
-            "--student-layers", "2", "--data-dir", str(tune_data_dir), "--search-space", str(space),
-            "--storage-path", str(tmp_path / "runs"), "--max-length", "32", "--eval-batch-size", "20",
-            "--warmup-ratio", "0", "--seed", "0", "--no-bf16", *extra]
+    return [
+        "--task",
+        "cola",
+        "--teacher",
+        str(tiny_teacher),
+        "--student",
+        str(tiny_bert_dir),
+        "--student-layers",
+        "2",
+        "--data-dir",
+        str(tune_data_dir),
+        "--search-space",
+        str(space),
+        "--storage-path",
+        str(tmp_path / "runs"),
+        "--max-length",
+        "32",
+        "--eval-batch-size",
+        "20",
+        "--warmup-ratio",
+        "0",
+        "--seed",
+        "0",
+        "--no-bf16",
+        *extra,
+    ]
 
 
 def _client(tmp_path):
@@ -78,8 +100,9 @@ def _study_runs(client):
 
 
 @pytest.mark.ray
-def test_three_trial_study_tracks_registers_and_stops_early(tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher,
-                                                            tune_data_dir, capsys):
+def test_three_trial_study_tracks_registers_and_stops_early(
+    tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher, tune_data_dir, capsys
+):
     argv = _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, "--num-trials", "4", "--name", "s1")
     assert tune_main(argv) == 0
     out = capsys.readouterr().out
@@ -110,8 +133,9 @@ def test_three_trial_study_tracks_registers_and_stops_early(tmp_path, ray_runtim
     import mlflow
 
     version = client.get_model_version_by_alias("sinkd-cola-student", "best")
-    local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp_path / "dl"),
-                                                tracking_uri=client.tracking_uri)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=version.source, dst_path=str(tmp_path / "dl"), tracking_uri=client.tracking_uri
+    )
     from sinkd_ray.data import load_split, tokenize_split
     from sinkd_ray.worker import evaluate
 
@@ -123,16 +147,18 @@ def test_three_trial_study_tracks_registers_and_stops_early(tmp_path, ray_runtim
 
 
 @pytest.mark.ray
-def test_tpe_study_with_a_diverging_trial_registers_a_finite_student(tmp_path, ray_runtime, tiny_bert_dir,
-                                                                      tiny_teacher, tune_data_dir, capsys):
+def test_tpe_study_with_a_diverging_trial_registers_a_finite_student(
+    tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher, tune_data_dir, capsys
+):
     """TPE end to end; the trials TPE gives lr 1e30 diverge: each fails alone (ERROR, with the reason), the study
     goes on, and the registered student is a finite one from another trial."""
     import math
 
     from safetensors.torch import load_file
 
-    argv = _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, "--num-trials", "3", "--name", "tpe",
-                 space_text=TPE_SPACE)
+    argv = _argv(
+        tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, "--num-trials", "3", "--name", "tpe", space_text=TPE_SPACE
+    )
     assert tune_main(argv) == 0
     out = capsys.readouterr().out
     client = _client(tmp_path)
@@ -151,16 +177,34 @@ def test_tpe_study_with_a_diverging_trial_registers_a_finite_student(tmp_path, r
 
 
 @pytest.mark.ray
-def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(tmp_path, ray_runtime, tiny_bert_dir,
-                                                                       tiny_teacher, tune_data_dir):
+def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(
+    tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher, tune_data_dir
+):
     # 20 epochs (the flag wins over the file's 3): a trial lasts long enough to be interrupted in its middle
-    argv = _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, "--num-trials", "3", "--name", "s2",
-                 "--grace-period", "20", "--epochs", "20")  # no early stopping: every trial runs all epochs
+    argv = _argv(
+        tmp_path,
+        tiny_bert_dir,
+        tiny_teacher,
+        tune_data_dir,
+        "--num-trials",
+        "3",
+        "--name",
+        "s2",
+        "--grace-period",
+        "20",
+        "--epochs",
+        "20",
+    )  # no early stopping: every trial runs all epochs
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONUNBUFFERED"] = "1"
     log = tmp_path / "study.log"  # a file, not a pipe: an unread pipe fills up and blocks the study
-    proc = subprocess.Popen([sys.executable, "-m", "sinkd_ray.tune", *argv], cwd=REPO, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sinkd_ray.tune", *argv],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     # Interrupt in the middle of the second trial: the first has reported all 3 epochs, the second one. Poll
     # Tune's files, not the SQLite store: opening the store while the study is creating its tables races with it.
     deadline = time.time() + 300
@@ -199,30 +243,38 @@ def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(tmp_path,
     assert len(client.search_model_versions("name = 'sinkd-cola-student'")) == 1
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--task", "stsb"], "STS-B, a regression task"),
-    (["--task", "colaa"], "unknown task"),
-    (["--alpha", "1.5"], None),  # alpha is a search-space key, not a flag: argparse refuses it
-    (["--epochs", "0"], "epochs=0 is outside [1, inf)"),
-    (["--workers", "3"], "not divisible by workers=3"),
-    (["--search-space", "nope"], "search space 'nope' not found"),
-    (["--student", "/no/such/model"], "model path '/no/such/model' not found"),
-    (["--data-dir", "/no/such/dir"], "/no/such/dir"),
-    (["--num-trials", "0"], "num_trials=0 is outside [1, inf)"),
-    (["--lr", "-1e-5"], "lr=-1e-05 is outside (0, inf)"),
-    (["--tracking-uri", "foo://bar"], "scheme 'foo' is not one MLflow can track to"),
-    (["--tracking-uri", "http://127.0.0.1:9"], "no MLflow server answers"),
-    (["--storage-path", "/dev/null"], "is a file — give a folder"),
-    (["--student-layers", "12"], "has only 4 layers"),
-    (["--max-train-examples", "1"], "1 training examples give no full step of 16"),
-    (["--gpus-per-worker", "1", "--resources-wait", "0"], "cannot place 1 worker(s)"),
-    (["--cpus-per-worker", "2", "--resources-wait", "0"], "+ 0.01 CPU for the trial itself"),  # on 2 cores
-])
-def test_bad_cli_values_are_one_line_errors(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, extra,
-                                            message):
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--task", "stsb"], "STS-B, a regression task"),
+        (["--task", "colaa"], "unknown task"),
+        (["--alpha", "1.5"], None),  # alpha is a search-space key, not a flag: argparse refuses it
+        (["--epochs", "0"], "epochs=0 is outside [1, inf)"),
+        (["--workers", "3"], "not divisible by workers=3"),
+        (["--search-space", "nope"], "search space 'nope' not found"),
+        (["--student", "/no/such/model"], "model path '/no/such/model' not found"),
+        (["--data-dir", "/no/such/dir"], "/no/such/dir"),
+        (["--num-trials", "0"], "num_trials=0 is outside [1, inf)"),
+        (["--lr", "-1e-5"], "lr=-1e-05 is outside (0, inf)"),
+        (["--tracking-uri", "foo://bar"], "scheme 'foo' is not one MLflow can track to"),
+        (["--tracking-uri", "http://127.0.0.1:9"], "no MLflow server answers"),
+        (["--storage-path", "/dev/null"], "is a file — give a folder"),
+        (["--student-layers", "12"], "has only 4 layers"),
+        (["--max-train-examples", "1"], "1 training examples give no full step of 16"),
+        (["--gpus-per-worker", "1", "--resources-wait", "0"], "cannot place 1 worker(s)"),
+        (["--cpus-per-worker", "2", "--resources-wait", "0"], "+ 0.01 CPU for the trial itself"),  # on 2 cores
+    ],
+)
+def test_bad_cli_values_are_one_line_errors(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, extra, message):
     argv = _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, *extra)
-    proc = subprocess.run([sys.executable, "-m", "sinkd_ray.tune", *argv], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "sinkd_ray.tune", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode != 0
     err = [line for line in proc.stderr.strip().splitlines() if line.startswith("error: ")]
     assert "Traceback" not in proc.stderr
@@ -234,7 +286,7 @@ def test_bad_cli_values_are_one_line_errors(tmp_path, tiny_bert_dir, tiny_teache
 def test_asha_max_t_follows_a_searched_epochs_range():
     """Epochs can be searched: ASHA's max_t is the largest value the space gives, not the CLI's --epochs."""
     from sinkd_ray.config import DistillConfig, RunSpec, TrainConfig
-    from sinkd_ray.search_space import SearchSpace, Param
+    from sinkd_ray.search_space import Param, SearchSpace
     from sinkd_ray.study import max_evaluations, stopped_early
 
     spec = RunSpec(TrainConfig(epochs=3), DistillConfig(batch_size=16))
@@ -254,15 +306,27 @@ def test_asha_max_t_follows_a_searched_epochs_range():
 
 
 @pytest.mark.ray
-def test_a_study_on_its_own_runtime_finishes_beside_another_local_runtime(tmp_path, ray_runtime, tiny_bert_dir,
-                                                                           tiny_teacher, tune_data_dir):
+def test_a_study_on_its_own_runtime_finishes_beside_another_local_runtime(
+    tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher, tune_data_dir
+):
     """Two local Ray runtimes on one machine (this test session's and the study's own): Ray Train's placement-
     group cleaner used to fail with "multiple active Ray instances" and the second trial waited forever."""
-    argv = _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, "--num-trials", "2", "--name", "own",
-                 "--grace-period", "3")
+    argv = _argv(
+        tmp_path,
+        tiny_bert_dir,
+        tiny_teacher,
+        tune_data_dir,
+        "--num-trials",
+        "2",
+        "--name",
+        "own",
+        "--grace-period",
+        "3",
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    proc = subprocess.run([sys.executable, "-m", "sinkd_ray.tune", *argv], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=420)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sinkd_ray.tune", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=420
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "study own: 2 trials" in proc.stdout and "registered model" in proc.stdout
     assert "Token authentication is enabled" in proc.stderr  # the runtime it started refuses unauthenticated calls

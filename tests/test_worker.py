@@ -31,8 +31,18 @@ def _free_port() -> int:
 
 
 def spec_for(student, teacher, data_dir, distill_cfg=None, **train) -> RunSpec:
-    base = dict(task="cola", student=str(student), student_layers=2, teacher=str(teacher) if teacher else None,
-                data_dir=str(data_dir), max_length=32, epochs=2, lr=1e-3, eval_batch_size=16, bf16=False)
+    base = dict(
+        task="cola",
+        student=str(student),
+        student_layers=2,
+        teacher=str(teacher) if teacher else None,
+        data_dir=str(data_dir),
+        max_length=32,
+        epochs=2,
+        lr=1e-3,
+        eval_batch_size=16,
+        bf16=False,
+    )
     return RunSpec(TrainConfig(**{**base, **train}), distill_cfg or DistillConfig(batch_size=16))
 
 
@@ -135,22 +145,35 @@ def _loop_on_workers(rank, world, port, spec_dict, logits, out):
         dist.destroy_process_group()
 
 
-def test_two_fsdp_workers_train_like_one_worker_on_the_global_batch(tmp_path, no_dropout_bert, tiny_teacher_dir,
-                                                                    cola_fixture_dir):
+def test_two_fsdp_workers_train_like_one_worker_on_the_global_batch(
+    tmp_path, no_dropout_bert, tiny_teacher_dir, cola_fixture_dir
+):
     """The whole loop — sampler, FSDP2 sharding, gathered Sinkhorn, optimizer — on 2 gloo processes gives the
     same losses and weights as 1 process with the same global batch. Without the all-gather in the loop the
     Sinkhorn term (and so the weights) would differ."""
-    spec = spec_for(no_dropout_bert, tiny_teacher_dir, cola_fixture_dir, epochs=1, workers=2, warmup_ratio=0.0,
-                    max_grad_norm=0.0, distill_cfg=DistillConfig(batch_size=16, beta=5.0))
-    path, _ = cached_teacher_logits(LogitsRequest(str(tiny_teacher_dir), "cola", "train", str(cola_fixture_dir),
-                                                  max_length=32), tmp_path / "cache")
+    spec = spec_for(
+        no_dropout_bert,
+        tiny_teacher_dir,
+        cola_fixture_dir,
+        epochs=1,
+        workers=2,
+        warmup_ratio=0.0,
+        max_grad_norm=0.0,
+        distill_cfg=DistillConfig(batch_size=16, beta=5.0),
+    )
+    path, _ = cached_teacher_logits(
+        LogitsRequest(str(tiny_teacher_dir), "cola", "train", str(cola_fixture_dir), max_length=32), tmp_path / "cache"
+    )
     logits = load_teacher_logits(path)
     one = []
-    distill(RunSpec(TrainConfig(**{**spec.train.to_dict(), "workers": 1}), spec.distill),
-            report=lambda m, d: (one.append(m), shutil.copytree(d, tmp_path / "one", dirs_exist_ok=True)),
-            teacher_logits=logits)
-    mp.spawn(_loop_on_workers, args=(2, _free_port(), spec.to_dict(), logits, str(tmp_path / "two")), nprocs=2,
-             join=True)
+    distill(
+        RunSpec(TrainConfig(**{**spec.train.to_dict(), "workers": 1}), spec.distill),
+        report=lambda m, d: (one.append(m), shutil.copytree(d, tmp_path / "one", dirs_exist_ok=True)),
+        teacher_logits=logits,
+    )
+    mp.spawn(
+        _loop_on_workers, args=(2, _free_port(), spec.to_dict(), logits, str(tmp_path / "two")), nprocs=2, join=True
+    )
     two = torch.load(tmp_path / "two" / "rank0.pt")
     sharded = [s for s in two["shards"] if s[0][0] > 1]
     assert sharded and all(t == "DTensor" and local[0] == (full[0] + 1) // 2 for full, local, t in sharded)
@@ -168,8 +191,9 @@ def test_two_fsdp_workers_train_like_one_worker_on_the_global_batch(tmp_path, no
 
 
 def test_cached_and_live_teacher_give_the_same_loss(tmp_path, tiny_teacher_dir, cola_fixture_dir):
-    path, _ = cached_teacher_logits(LogitsRequest(str(tiny_teacher_dir), "cola", "train", str(cola_fixture_dir),
-                                                  max_length=32), tmp_path)
+    path, _ = cached_teacher_logits(
+        LogitsRequest(str(tiny_teacher_dir), "cola", "train", str(cola_fixture_dir), max_length=32), tmp_path
+    )
     teacher = load_teacher(str(tiny_teacher_dir), COLA)
     tokenized = tokenize_split(load_split(COLA, "train", str(cola_fixture_dir)), COLA, teacher.tokenizer, 32)
     cached = TeacherLogits(cached=load_teacher_logits(path))
@@ -197,12 +221,26 @@ def test_loop_reports_and_writes_a_sharded_checkpoint(tmp_path, tiny_bert_dir, t
     distill(spec, report=report)
     assert [m["step"] for m, _, _ in reports] == [6, 12]  # 96 examples / b=16 = 6 steps per epoch
     metrics, files, saved_cfg = reports[-1]
-    assert {"shards/rank0.safetensors", "rng/rank0.json", "trainer.json", "metrics.json", "student/config.json",
-            "train_config.json"} <= set(files)
+    assert {
+        "shards/rank0.safetensors",
+        "rng/rank0.json",
+        "trainer.json",
+        "metrics.json",
+        "student/config.json",
+        "train_config.json",
+    } <= set(files)
     assert not any(f.endswith(("model.safetensors", ".pt", ".bin")) for f in files)  # no full copy, no pickle
     assert saved_cfg["beta"] == 0.8
-    for key in ("dev_metric", "dev_mcc", "dev_accuracy", "train_ce", "train_kl", "train_sd", "train_total",
-                "examples_per_s"):
+    for key in (
+        "dev_metric",
+        "dev_mcc",
+        "dev_accuracy",
+        "train_ce",
+        "train_kl",
+        "train_sd",
+        "train_total",
+        "examples_per_s",
+    ):
         assert key in metrics, key
     assert metrics["train_sd"] > 0 and metrics["examples_per_s"] > 0
 
@@ -220,7 +258,8 @@ def _run_collecting(spec, tmp_path, tag, resume_dir=None, logits=None):
 
 
 def test_a_run_resumed_from_a_checkpoint_ends_bit_identical_to_an_uninterrupted_one(
-        tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir):
+    tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
     """Dropout on, a live teacher, a checkpoint every 2 steps; a fault at step 5, resumed from step 4's checkpoint
     in a fresh recipe: the final weights, optimizer moments and every later metric equal the uninterrupted run's."""
     spec = spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, teacher_source="live", eval_every_steps=2)
@@ -232,8 +271,9 @@ def test_a_run_resumed_from_a_checkpoint_ends_bit_identical_to_an_uninterrupted_
     assert sorted(resumed) == [6, 8, 10, 12] and resumed[6][0]["resumed_from_step"] == 4
     for step in resumed:
         a, b = whole[step][0], resumed[step][0]
-        assert {k: a[k] for k in a if k.startswith(("dev_", "train_"))} == \
-            {k: b[k] for k in b if k.startswith(("dev_", "train_"))}, step
+        assert {k: a[k] for k in a if k.startswith(("dev_", "train_"))} == {
+            k: b[k] for k in b if k.startswith(("dev_", "train_"))
+        }, step
     from safetensors.torch import load_file
 
     final_whole = load_file(str(whole[12][1] / "shards" / "rank0.safetensors"))
@@ -242,8 +282,9 @@ def test_a_run_resumed_from_a_checkpoint_ends_bit_identical_to_an_uninterrupted_
     assert all(torch.equal(final_whole[k], final_resumed[k]) for k in final_whole)  # bit-exact: weights + moments
 
 
-def test_a_checkpoint_written_by_the_previous_version_still_resumes(tmp_path, tiny_bert_dir, tiny_teacher_dir,
-                                                                   cola_fixture_dir):
+def test_a_checkpoint_written_by_the_previous_version_still_resumes(
+    tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
     """Earlier versions saved `train_state.pt` (a pickle) beside a full `student/`; it loads with weights_only
     and the run continues from its step."""
     import random
@@ -256,47 +297,75 @@ def test_a_checkpoint_written_by_the_previous_version_still_resumes(tmp_path, ti
     student.save_pretrained(old / "student")
     decay = [p for n, p in student.hf_model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
     no_decay = [p for n, p in student.hf_model.named_parameters() if not (p.ndim >= 2 and "norm" not in n.lower())]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=1e-3)  # the groups the previous version used
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3
+    )  # the groups the previous version used
     from transformers import get_linear_schedule_with_warmup
 
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, 6)
     for _ in range(2):
         optimizer.step()
         scheduler.step()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "progress": {"epoch": 0, "batch_in_epoch": 2, "step": 2, "resumed_from_step": None},
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-                "online_teacher": None}, old / "train_state.pt")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "progress": {"epoch": 0, "batch_in_epoch": 2, "step": 2, "resumed_from_step": None},
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "online_teacher": None,
+        },
+        old / "train_state.pt",
+    )
     (old / "metrics.json").write_text('{"dev_metric": 0.0, "step": 2}')
     reports = []
     distill(spec, report=lambda m, d: reports.append(m), resume_dir=old)
     assert [(m["step"], m["resumed_from_step"]) for m in reports] == [(6, 2)]
 
 
-def test_a_diverging_run_fails_alone_and_writes_no_checkpoint(tmp_path, tiny_bert_dir, tiny_teacher_dir,
-                                                              cola_fixture_dir):
-    spec = spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, teacher_source="live", lr=1e30,
-                    max_grad_norm=0.0, warmup_ratio=0.0)
+def test_a_diverging_run_fails_alone_and_writes_no_checkpoint(
+    tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
+    spec = spec_for(
+        tiny_bert_dir,
+        tiny_teacher_dir,
+        cola_fixture_dir,
+        teacher_source="live",
+        lr=1e30,
+        max_grad_norm=0.0,
+        warmup_ratio=0.0,
+    )
     reports = []
     with pytest.raises(RunFailed, match="diverged: lower the learning rate"):
         distill(spec, report=lambda m, d: reports.append(m))
     assert reports == []  # nothing was evaluated, checkpointed or reported from the diverged weights
 
 
-def test_gradient_accumulation_takes_one_optimizer_step_per_k_batches(tiny_bert_dir, tiny_teacher_dir,
-                                                                      cola_fixture_dir):
-    spec = spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, teacher_source="live", epochs=1,
-                    grad_accum_steps=3)
+def test_gradient_accumulation_takes_one_optimizer_step_per_k_batches(
+    tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
+    spec = spec_for(
+        tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, teacher_source="live", epochs=1, grad_accum_steps=3
+    )
     reports = []
-    distill(spec, report=lambda m, d: reports.append(m), )
+    distill(
+        spec,
+        report=lambda m, d: reports.append(m),
+    )
     assert [m["step"] for m in reports] == [2]  # 6 batches of 16, 3 per optimizer step
 
 
-def test_evaluation_of_an_exported_student_reproduces_the_reported_metric(tmp_path, tiny_bert_dir,
-                                                                          tiny_teacher_dir, cola_fixture_dir):
-    spec = spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, teacher_source="live", lr=1e-2, epochs=3,
-                    distill_cfg=DistillConfig(alpha=0.0, batch_size=16))
+def test_evaluation_of_an_exported_student_reproduces_the_reported_metric(
+    tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
+    spec = spec_for(
+        tiny_bert_dir,
+        tiny_teacher_dir,
+        cola_fixture_dir,
+        teacher_source="live",
+        lr=1e-2,
+        epochs=3,
+        distill_cfg=DistillConfig(alpha=0.0, batch_size=16),
+    )
     kept = _run_collecting(spec, tmp_path, "run")
     metrics, checkpoint = kept[max(kept)]
     assert checkpoints.export_student(checkpoint, tmp_path / "out")["dev_metric"] == metrics["dev_metric"]
@@ -324,8 +393,9 @@ def test_export_refuses_non_finite_weights(tmp_path, tiny_bert_dir, tiny_teacher
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_resuming_from_the_final_checkpoint_reports_its_result_again(tmp_path, tiny_bert_dir, tiny_teacher_dir,
-                                                                     cola_fixture_dir):
+def test_resuming_from_the_final_checkpoint_reports_its_result_again(
+    tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
     """A study interrupted just after a trial's last checkpoint restarts that trial: the run has nothing left to
     train and says its last result again, so the trial ends with its metric (not with none, which made the
     restored study fail)."""
