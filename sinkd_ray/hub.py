@@ -18,7 +18,7 @@ OFFLINE_HINT = (
 def hub_reachable(timeout: float = 3.0) -> bool:
     """A TCP connection to the hub's endpoint ($HF_ENDPOINT) within ``timeout`` seconds. Behind an HTTP(S) proxy
     the direct connection says nothing, so it counts as reachable; HF_HUB_OFFLINE=1 counts as unreachable."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if _offline_mode():
         return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True
@@ -31,6 +31,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _offline_mode() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
 def no_network_message(what: str) -> str:
-    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    offline = " (HF_HUB_OFFLINE is set)" if _offline_mode() else ""
     return f"no network access to the Hugging Face hub{offline} to fetch {what} — {OFFLINE_HINT}"
