@@ -16,8 +16,9 @@ teacher (fine-tuned here for one epoch, itself the first row) and its first 3 la
                     needs 2 GPUs (NCCL refuses two ranks on one device), skipped with a note on one GPU
   live 8-bit        --teacher-source live --teacher-quantization 8bit (bitsandbytes LLM.int8 on the GPU)
   2 trials x 0.5    a 2-trial study, --gpus-per-worker 0.5 --max-concurrent-trials 2: two trials share the GPU
-  logits GPU / CPU  the teacher's logits over the train split on the GPU (bf16), next to the same on this
-                    machine's CPU — where the CLIs compute the teacher cache today (on the driver)
+  logits GPU / CPU  the teacher's logits over the train split on the GPU (bf16) — where the CLIs compute the
+                    cache when the runs use GPUs (a Ray task on a GPU worker) — next to the same on this
+                    machine's CPU (where a CPU head would compute it)
 
 For each: the run's status, training examples/s (the median of the per-evaluation figures the CLI prints,
 `epoch … step …: dev_metric=… examples/s=…`, the first one left out as warm-up), the last dev metric, the
@@ -253,7 +254,7 @@ def plan(args, work: Path, data_dir: Path, gpus: int) -> list[Run]:
             ],
         ),
         Run(
-            "teacher logits, CPU (today's cache)",
+            "teacher logits, CPU (a CPU head)",
             [
                 sys.executable,
                 str(Path(__file__).resolve()),
