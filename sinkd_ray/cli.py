@@ -107,6 +107,10 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: finished trials and checkpoints are kept; rerun with --resume to continue", file=sys.stderr)
+        print(
+            "interrupted: what finished is kept (teachers, logit caches, checkpoints); rerun the same command to "
+            "continue (a study that had started: add --resume)",
+            file=sys.stderr,
+        )
         sys.exit(130)
     sys.exit(code or 0)

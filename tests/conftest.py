@@ -6,6 +6,47 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for gloo process groups and extra Ray runtimes)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spec_for(student, teacher, data_dir, distill_cfg=None, **train):
+    """A run on the tiny models and the CoLA fixture: float32, short, overridable field by field."""
+    from sinkd_ray.config import DistillConfig, RunSpec, TrainConfig
+
+    base = dict(
+        task="cola",
+        student=str(student),
+        student_layers=2,
+        teacher=str(teacher) if teacher else None,
+        data_dir=str(data_dir),
+        max_length=32,
+        epochs=2,
+        lr=1e-3,
+        eval_batch_size=16,
+        bf16=False,
+    )
+    return RunSpec(TrainConfig(**{**base, **train}), distill_cfg or DistillConfig(batch_size=16))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensor problems: on a shared 2-core machine intra-op threads only add contention (3× slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # The staged GLUE/SuperGLUE copy lives beside the checkout (never inside it); SINKD_DATA_DIR overrides.
 SHARED_DATA = Path(os.environ.get("SINKD_TEST_DATA", REPO.parent / "shared" / "data"))
 

@@ -3,13 +3,13 @@ trials run on two Ray nodes."""
 
 import copy
 import json
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import free_port
 
 from sinkd_ray.cluster import load_cluster_file, main, validate_cluster_config
 from sinkd_ray.errors import SinkdError
@@ -240,12 +240,6 @@ def test_preflight_stops_setup_with_one_line(problem, match, tmp_path, monkeypat
     assert "\n" not in str(info.value)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_head_starts_mlflow_once_on_the_configured_backend_and_fails_loudly_when_it_cannot(tmp_path, monkeypatch):
     import os
     import signal
@@ -256,7 +250,7 @@ def test_the_head_starts_mlflow_once_on_the_configured_backend_and_fails_loudly_
     monkeypatch.setenv("SINKD_BUCKET", (tmp_path / "bucket").as_uri())
     monkeypatch.setenv("SINKD_MLFLOW_BACKEND", "sqlite")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    port = _free_port()
+    port = free_port()
     pidfile = tmp_path / "home" / "mlflow" / "server.pid"
     try:
         url = node_setup.start_mlflow_server(port=port)
@@ -272,7 +266,7 @@ def test_the_head_starts_mlflow_once_on_the_configured_backend_and_fails_loudly_
     pidfile.unlink()
     monkeypatch.setattr(node_setup, "mlflow_backend_uri", lambda: "postgresql://sinkd@127.0.0.1:1/none")
     with pytest.raises(SinkdError, match="the MLflow server exited with code") as info:
-        node_setup.start_mlflow_server(port=_free_port(), wait_s=300)
+        node_setup.start_mlflow_server(port=free_port(), wait_s=300)
     assert "\n" not in str(info.value)
 
 

@@ -23,7 +23,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 STAND_IN_GPU = "sinkd_fake_gpu"
@@ -89,12 +89,6 @@ def fake_config(cluster: dict, gcs_address: str) -> dict:
         "head_start_ray_commands": [],
         "worker_start_ray_commands": [],
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -156,7 +150,7 @@ def fake_cluster(monkeypatch):
     from ray.autoscaler._private.util import validate_config
 
     cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
-    gcs_port, dashboard_port, client_port, agent_port = (_free_port() for _ in range(4))
+    gcs_port, dashboard_port, client_port, agent_port = (free_port() for _ in range(4))
     gcs = f"{get_node_ip_address()}:{gcs_port}"
     config = fake_config(cluster, gcs)
     validate_config(config)  # Ray's own schema: the fake config is a valid autoscaler config

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import spec_for
 
-from sinkd_ray.config import DistillConfig, RunSpec, RuntimeConfig, TrainConfig
+from sinkd_ray.config import DistillConfig, RuntimeConfig, TrainConfig
 from sinkd_ray.driver import export_best, fit_run, preflight, prepare_run
 from sinkd_ray.errors import SinkdError
 from sinkd_ray.storage import StorageLayout
@@ -16,22 +17,6 @@ from sinkd_ray.tasks import get_task
 from sinkd_ray.teacher_cache import LogitsRequest, cached_teacher_logits, load_teacher_logits
 
 COLA = get_task("cola")
-
-
-def spec_for(student, teacher, data_dir, distill_cfg=None, **train) -> RunSpec:
-    base = dict(
-        task="cola",
-        student=str(student),
-        student_layers=2,
-        teacher=str(teacher) if teacher else None,
-        data_dir=str(data_dir),
-        max_length=32,
-        epochs=2,
-        lr=1e-3,
-        eval_batch_size=16,
-        bf16=False,
-    )
-    return RunSpec(TrainConfig(**{**base, **train}), distill_cfg or DistillConfig(batch_size=16))
 
 
 # -------------------------------------------------------------------------------------------- preflight

@@ -32,14 +32,7 @@ except ImportError:
     ot = None
 needs_pot = pytest.mark.skipif(ot is None, reason="POT not installed (pip install pot): the reference solver")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These problems are tiny: on a shared 2-core machine intra-op threads only add contention (3× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_probs(b, d, seed, dtype=torch.float64, sharpness=3.0):

@@ -20,14 +20,7 @@ from sinkd_ray.losses import (
 )
 from sinkd_ray.objective import distribution_divergence
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small problems: on a shared 2-core machine intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits(kind, b, d, seed, dtype=torch.float64):

@@ -12,13 +12,7 @@ from sinkd_ray.losses import ce, js, kl, rkl, sinkhorn_loss, tvd
 from sinkd_ray.objective import objective_weights, online_teacher_loss, sinkd_objective
 from sinkd_ray.search_space import load_search_space
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(seed=19, b=16, d=3):

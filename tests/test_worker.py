@@ -3,13 +3,13 @@ worker), cached vs live teacher, checkpoints that resume bit-exactly, diverged r
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port, spec_for
 
 from sinkd_ray import checkpoints
 from sinkd_ray.config import DistillConfig, RunSpec, TrainConfig
@@ -22,28 +22,6 @@ from sinkd_ray.worker import RunFailed, TeacherLogits, WorkerContext, distill, e
 
 B, D, FEATURES = 8, 3, 5
 COLA = get_task("cola")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spec_for(student, teacher, data_dir, distill_cfg=None, **train) -> RunSpec:
-    base = dict(
-        task="cola",
-        student=str(student),
-        student_layers=2,
-        teacher=str(teacher) if teacher else None,
-        data_dir=str(data_dir),
-        max_length=32,
-        epochs=2,
-        lr=1e-3,
-        eval_batch_size=16,
-        bf16=False,
-    )
-    return RunSpec(TrainConfig(**{**base, **train}), distill_cfg or DistillConfig(batch_size=16))
 
 
 # ------------------------------------------------------------------------------ global-batch Sinkhorn
@@ -96,7 +74,7 @@ def test_two_workers_match_one_worker_only_with_the_all_gather(tmp_path, use_gat
     sd_ref, loss_ref, grads_ref = _loss_and_grads(_student(), x, t, y, cfg, None)
 
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_two_worker_run, args=(2, _free_port(), out, use_gather), nprocs=2, join=True)
+    mp.spawn(_two_worker_run, args=(2, free_port(), out, use_gather), nprocs=2, join=True)
     sd_2, _, grads_2 = torch.load(out)
 
     sd_close = abs(sd_2 - sd_ref) <= 1e-5 * max(1.0, abs(sd_ref))
@@ -172,7 +150,7 @@ def test_two_fsdp_workers_train_like_one_worker_on_the_global_batch(
         teacher_logits=logits,
     )
     mp.spawn(
-        _loop_on_workers, args=(2, _free_port(), spec.to_dict(), logits, str(tmp_path / "two")), nprocs=2, join=True
+        _loop_on_workers, args=(2, free_port(), spec.to_dict(), logits, str(tmp_path / "two")), nprocs=2, join=True
     )
     two = torch.load(tmp_path / "two" / "rank0.pt")
     sharded = [s for s in two["shards"] if s[0][0] > 1]
