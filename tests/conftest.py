@@ -36,6 +36,19 @@ def spec_for(student, teacher, data_dir, distill_cfg=None, **train):
     return RunSpec(TrainConfig(**{**base, **train}), distill_cfg or DistillConfig(batch_size=16))
 
 
+def tiny_study_argv(teacher, student, data_dir, space, storage, *extra: str) -> list[str]:
+    """`python -m sinkd_ray.tune` arguments for a study of the tiny models on the CoLA fixture."""
+    paths = {
+        "--teacher": teacher,
+        "--student": student,
+        "--data-dir": data_dir,
+        "--search-space": space,
+        "--storage-path": storage,
+    }
+    fixed = "--task cola --student-layers 2 --max-length 32 --eval-batch-size 20 --seed 0".split()
+    return [*fixed, *(str(x) for pair in paths.items() for x in pair), *extra]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensor problems: on a shared 2-core machine intra-op threads only add contention (3× slower)."""

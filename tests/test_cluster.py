@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import free_port
+from conftest import free_port, tiny_study_argv
 
 from sinkd_ray.cluster import load_cluster_file, main, validate_cluster_config
 from sinkd_ray.errors import SinkdError
@@ -307,40 +307,10 @@ def test_a_study_on_two_nodes_and_uri_storage_completes(
     space.write_text(SPACE)
     monkeypatch.setenv("SINKD_CACHE_DIR", str(tmp_path / "driver-cache"))
     bucket, tracking = tmp_path / "bucket", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = [
-        "--task",
-        "cola",
-        "--teacher",
-        str(tiny_teacher_dir),
-        "--student",
-        str(tiny_bert_dir),
-        "--student-layers",
-        "2",
-        "--data-dir",
-        str(cola_fixture_dir),
-        "--search-space",
-        str(space),
-        "--storage-path",
-        bucket.as_uri(),
-        "--tracking-uri",
-        tracking,
-        "--max-length",
-        "32",
-        "--eval-batch-size",
-        "20",
-        "--seed",
-        "0",
-        "--num-trials",
-        "2",
-        "--max-concurrent-trials",
-        "2",
-        "--cpus-per-worker",
-        "1",
-        "--worker-resources",
-        f"{NODE_SLOT}=1",
-        "--name",
-        "multinode",
-    ]
+    argv = tiny_study_argv(tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, space, bucket.as_uri()) + (
+        f"--tracking-uri {tracking} --num-trials 2 --max-concurrent-trials 2 --cpus-per-worker 1 "
+        f"--worker-resources {NODE_SLOT}=1 --name multinode".split()
+    )
     assert tune_main(argv) == 0
     assert "registered model: sinkd-cola-student" in capsys.readouterr().out
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, tiny_study_argv
 
 REPO = Path(__file__).resolve().parents[1]
 STAND_IN_GPU = "sinkd_fake_gpu"
@@ -271,43 +271,12 @@ def test_the_readme_study_autoscales_gpu_nodes_of_cluster_yaml_and_releases_them
     # The README's job with its --gpus-per-worker replaced by the stand-in resource, pinned to the gpu-1x type the
     # way the README pins a type (accelerator_type), one node per trial: two concurrent trials need two nodes.
     entrypoint = shlex.join(
-        [
-            "python",
-            "-m",
-            "sinkd_ray.tune",
-            "--task",
-            "cola",
-            "--teacher",
-            str(tiny_teacher_dir),
-            "--student",
-            str(tiny_bert_dir),
-            "--student-layers",
-            "2",
-            "--data-dir",
-            str(cola_fixture_dir),
-            "--search-space",
-            str(space),
-            "--storage-path",
-            f"{bucket.as_uri()}/runs",
-            "--tracking-uri",
-            tracking,
-            "--max-length",
-            "32",
-            "--eval-batch-size",
-            "20",
-            "--seed",
-            "0",
-            "--num-trials",
-            "2",
-            "--max-concurrent-trials",
-            "2",
-            "--cpus-per-worker",
-            "1",
-            "--worker-resources",
-            f"{STAND_IN_GPU}=1,accelerator_type:A10G=0.001",
-            "--name",
-            "autoscaled",
-        ]
+        ["python", "-m", "sinkd_ray.tune"]
+        + tiny_study_argv(tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, space, f"{bucket.as_uri()}/runs")
+        + (
+            f"--tracking-uri {tracking} --num-trials 2 --max-concurrent-trials 2 --cpus-per-worker 1 "
+            f"--worker-resources {STAND_IN_GPU}=1,accelerator_type:A10G=0.001 --name autoscaled".split()
+        )
     )
     client = fake_cluster.client()
     t0 = time.monotonic()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_study_argv
 
 from sinkd_ray.models import load_student
 from sinkd_ray.tasks import get_task
@@ -57,32 +58,9 @@ def tiny_teacher(tmp_path_factory, tiny_bert_dir):
 def _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, *extra, space_text=SPACE):
     space = tmp_path / "space.yaml"
     space.write_text(space_text)
-    return [
-        "--task",
-        "cola",
-        "--teacher",
-        str(tiny_teacher),
-        "--student",
-        str(tiny_bert_dir),
-        "--student-layers",
-        "2",
-        "--data-dir",
-        str(tune_data_dir),
-        "--search-space",
-        str(space),
-        "--storage-path",
-        str(tmp_path / "runs"),
-        "--max-length",
-        "32",
-        "--eval-batch-size",
-        "20",
-        "--warmup-ratio",
-        "0",
-        "--seed",
-        "0",
-        "--no-bf16",
-        *extra,
-    ]
+    return tiny_study_argv(
+        tiny_teacher, tiny_bert_dir, tune_data_dir, space, tmp_path / "runs", "--warmup-ratio", "0", "--no-bf16", *extra
+    )
 
 
 def _client(tmp_path):
