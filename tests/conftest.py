@@ -8,6 +8,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked `last` go to the end, in their collected order (a stable sort keeps everything else's)."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (for gloo process groups and extra Ray runtimes)."""
     import socket
@@ -305,3 +310,32 @@ def ray_runtime(ray_cluster):
     import ray
 
     return ray
+
+
+@pytest.fixture(autouse=True)
+def ray_resources_returned(request):
+    """A test that leaves the shared runtime short of resources (a leaked placement group, a live actor) fails
+    itself: otherwise a later study waits forever for CPUs that never come back."""
+    yield
+    if "ray_cluster" not in request.fixturenames:
+        return
+    import time
+
+    import ray
+
+    if not ray.is_initialized():
+        return
+    deadline = time.monotonic() + 60  # Ray Train removes a finished run's placement group asynchronously
+    while True:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        short = {k: (free.get(k, 0.0), v) for k, v in total.items() if k in ("CPU", NODE_SLOT) and free.get(k, 0.0) < v}
+        if not short or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    if short:
+        from ray.util import placement_group_table
+        from ray.util.state import list_actors
+
+        groups = [g["strategy"] + ":" + g["state"] for g in placement_group_table().values() if g["state"] != "REMOVED"]
+        actors = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])]
+        pytest.fail(f"the shared Ray runtime was left short of {short} (placement groups {groups}, actors {actors})")

@@ -18,6 +18,7 @@ its own processes — never ``ray stop``, which would end every Ray runtime on t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -99,10 +100,25 @@ class FakeCluster:
     config: dict
     process: subprocess.Popen
 
+    @contextlib.contextmanager
+    def addressed(self):
+        """Ray's job and state clients let RAY_ADDRESS override the address they are given: point it here for
+        one call only (the rest of the session keeps its own runtime's address)."""
+        saved = os.environ.get("RAY_ADDRESS")
+        os.environ["RAY_ADDRESS"] = self.dashboard
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("RAY_ADDRESS", None)
+            else:
+                os.environ["RAY_ADDRESS"] = saved
+
     def client(self):
         from ray.job_submission import JobSubmissionClient
 
-        return JobSubmissionClient(self.dashboard)
+        with self.addressed():
+            return JobSubmissionClient(self.dashboard)
 
     def submit(self, **job) -> str:
         """Submit a job; the dashboard answers before its agent is ready ("No available agent to submit job,
@@ -121,12 +137,15 @@ class FakeCluster:
         from ray._raylet import GcsClient
 
         raw = GcsClient(address=self.gcs).internal_kv_get(b"__autoscaling_status", None)
-        return json.loads(raw)["autoscaler_report"] if raw else {}
+        # The monitor writes the report only once its autoscaler has a summary; earlier records hold load metrics only.
+        return (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
 
     def alive_workers(self) -> list[str]:
         from ray.util.state import list_nodes
 
-        return [n.node_id for n in list_nodes(address=self.dashboard) if n.state == "ALIVE" and not n.is_head_node]
+        with self.addressed():
+            nodes = list_nodes(address=self.dashboard)
+        return [n.node_id for n in nodes if n.state == "ALIVE" and not n.is_head_node]
 
 
 def _our_processes(temp_dir: str, gcs: str):
@@ -143,9 +162,10 @@ def _our_processes(temp_dir: str, gcs: str):
             continue
 
 
-@pytest.fixture
-def fake_cluster(monkeypatch):
-    """A fake multi-node cluster with cluster.yaml's node types; always torn down, even when the test fails."""
+@pytest.fixture(scope="session")
+def fake_cluster():
+    """A fake multi-node cluster with cluster.yaml's node types, for the whole session (its idle nodes are released
+    while the other tests run); always torn down, even when a test fails."""
     from ray._private.services import get_node_ip_address
     from ray.autoscaler._private.util import validate_config
 
@@ -193,8 +213,6 @@ def fake_cluster(monkeypatch):
     # Its own session and process group: the cleanup below ends this group, nothing else.
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     fake = FakeCluster(gcs, f"http://127.0.0.1:{dashboard_port}", temp_dir, config, process)
-    # Ray's job and state clients let RAY_ADDRESS override the address they are given: point it here.
-    monkeypatch.setenv("RAY_ADDRESS", fake.dashboard)
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -257,17 +275,24 @@ def _wait(condition, seconds: float, what: str, diagnostics=lambda: ""):
         time.sleep(2)
 
 
-@pytest.mark.ray
-def test_the_readme_study_autoscales_gpu_nodes_of_cluster_yaml_and_releases_them(
-    fake_cluster, ray_cluster, tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
-):
-    import ray
-    from mlflow.tracking import MlflowClient
+@dataclass
+class AutoscaledStudy:
+    job: str
+    logs: str
+    node_types: dict[str, str]  # node id -> node type, as the autoscaler reported them while they lived
+    root: Path
+    tracking: str
+    t0: float
 
+
+@pytest.fixture(scope="session")
+def autoscaled_study(fake_cluster, ray_cluster, tmp_path_factory, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir):
+    """The README's study, submitted as a Ray job to the fake cluster and run to its end (once per session)."""
+    root = tmp_path_factory.mktemp("autoscaled")
     assert {"gpu-1x", "gpu-8x"} <= set(fake_cluster.config["available_node_types"])
-    space = tmp_path / "space.yaml"
+    space = root / "space.yaml"
     space.write_text(SPACE)
-    bucket, tracking = tmp_path / "bucket", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bucket, tracking = root / "bucket", f"sqlite:///{root / 'mlflow.db'}"
     # The README's job with its --gpus-per-worker replaced by the stand-in resource, pinned to the gpu-1x type the
     # way the README pins a type (accelerator_type), one node per trial: two concurrent trials need two nodes.
     entrypoint = shlex.join(
@@ -281,10 +306,9 @@ def test_the_readme_study_autoscales_gpu_nodes_of_cluster_yaml_and_releases_them
     client = fake_cluster.client()
     t0 = time.monotonic()
     job = fake_cluster.submit(
-        entrypoint=entrypoint, runtime_env={"env_vars": {"SINKD_CACHE_DIR": str(tmp_path / "driver-cache")}}
+        entrypoint=entrypoint, runtime_env={"env_vars": {"SINKD_CACHE_DIR": str(root / "driver-cache")}}
     )
-
-    node_types: dict[str, str] = {}  # node id -> node type, as the autoscaler reported them while they lived
+    node_types: dict[str, str] = {}
 
     def finished():
         node_types.update(fake_cluster.autoscaler_report().get("node_type_mapping") or {})
@@ -294,21 +318,37 @@ def test_the_readme_study_autoscales_gpu_nodes_of_cluster_yaml_and_releases_them
     logs = client.get_job_logs(job)
     print(f"study job finished in {time.monotonic() - t0:.0f} s; nodes seen: {node_types}")  # shown on failure
     assert client.get_job_status(job) == "SUCCEEDED", logs[-3000:]
-    assert "registered model: sinkd-cola-student" in logs
+    return AutoscaledStudy(job, logs, node_types, root, tracking, t0)
+
+
+@pytest.mark.ray
+def test_the_readme_study_autoscales_gpu_nodes_of_cluster_yaml(autoscaled_study, ray_cluster):
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    study = autoscaled_study
+    assert "registered model: sinkd-cola-student" in study.logs
 
     # The autoscaler started gpu-1x nodes (none of the other type), and each trial ran on a different one of them.
     placements = [
         json.loads(p.read_text())["node_ids"]
-        for p in (bucket / "runs" / "autoscaled-train").glob("trial_*/checkpoint_*/placement.json")
+        for p in (study.root / "bucket" / "runs" / "autoscaled-train").glob("trial_*/checkpoint_*/placement.json")
     ]
     trial_nodes = {nodes[0] for nodes in placements}
     assert len(placements) == 2 and len(trial_nodes) == 2, placements
-    assert {node_types.get(node) for node in trial_nodes} == {"gpu-1x"}, (trial_nodes, node_types)
-    assert "gpu-8x" not in node_types.values()
+    assert {study.node_types.get(node) for node in trial_nodes} == {"gpu-1x"}, (trial_nodes, study.node_types)
+    assert "gpu-8x" not in study.node_types.values()
 
-    version = MlflowClient(tracking).get_model_version_by_alias("sinkd-cola-student", "best")
+    version = MlflowClient(study.tracking).get_model_version_by_alias("sinkd-cola-student", "best")
     assert version.run_id
 
+    # The test session's own cluster was left alone.
+    assert len([n for n in ray.nodes() if n["Alive"]]) >= 2
+
+
+@pytest.mark.ray
+@pytest.mark.last  # run after every other test: the release takes minutes, the rest of the suite overlaps it
+def test_idle_gpu_nodes_of_the_autoscaled_study_are_released(autoscaled_study, fake_cluster):
     # Idle nodes go away: the autoscaler terminates them after idle_timeout_minutes. A node counts as idle only
     # once Ray Train V2's resource request for the finished run is gone, and in these runs it was not cancelled
     # when the run ended but expired (AUTOSCALING_REQUESTS_EXPIRE_TIME_S = 180 s in ray/train/v2/.../
@@ -322,8 +362,4 @@ def test_the_readme_study_autoscales_gpu_nodes_of_cluster_yaml_and_releases_them
         "idle gpu-1x nodes were not released",
         lambda: str(fake_cluster.autoscaler_report()),
     )
-
-    print(f"idle nodes released {time.monotonic() - t0:.0f} s after the submission")
-
-    # The test session's own cluster was left alone.
-    assert len([n for n in ray.nodes() if n["Alive"]]) >= 2
+    print(f"idle nodes released {time.monotonic() - autoscaled_study.t0:.0f} s after the submission")

@@ -97,5 +97,5 @@ def test_bad_files_are_one_line_errors_naming_file_and_key(tmp_path, text, messa
 
 
 def test_unknown_space_name_lists_the_shipped_ones():
-    with pytest.raises(SinkdError, match="one of: default, paper_grid"):
+    with pytest.raises(SinkdError, match="one of: default, demo, paper_grid"):
         load_search_space("papergrid")
