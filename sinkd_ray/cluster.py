@@ -157,9 +157,6 @@ def validate_cluster_config(config: dict, source: str = "cluster config", constr
 
     ``constraints``: the lock file beside the cluster file; the docker image must match its ``ray==`` pin.
     """
-    import jsonschema
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
     if not isinstance(config, dict):
         raise SinkdError(f"{source}: not a YAML mapping")
     for keys, text, is_key in _walk(config):
@@ -168,6 +165,21 @@ def validate_cluster_config(config: dict, source: str = "cluster config", constr
                 f"{source}: '{'.'.join(keys)}' looks like a credential — remove it and use the "
                 "environment or an instance role"
             )
+    prepared = _ray_prepared(config, source)
+    _check_node_counts(prepared, source)
+    env = _docker_env(prepared.get("docker") or {})
+    _check_images_and_profiles(prepared, env, source)
+    # The file's own lists (prepare_config merges setup_commands into the head/worker lists): indices as written.
+    _check_software(config, source, constraints)
+    _check_bucket_and_backend(config, env, source)
+    return prepared
+
+
+def _ray_prepared(config: dict, source: str) -> dict:
+    """Ray's own preparation and schema check, its first complaint as one line."""
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
     quiet = logging.getLogger("ray.autoscaler")  # prepare_config logs an INFO line; the check prints one line
     level = quiet.level
     quiet.setLevel(logging.WARNING)
@@ -181,9 +193,16 @@ def validate_cluster_config(config: dict, source: str = "cluster config", constr
         raise SinkdError(f"{source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     finally:
         quiet.setLevel(level)
+    return prepared
+
+
+def _worker_types(prepared: dict) -> dict:
     head = prepared.get("head_node_type")
-    types = prepared.get("available_node_types", {})
-    workers = {name: t for name, t in types.items() if name != head}
+    return {name: t for name, t in prepared.get("available_node_types", {}).items() if name != head}
+
+
+def _check_node_counts(prepared: dict, source: str) -> None:
+    workers = _worker_types(prepared)
     for name, node_type in workers.items():
         low, high = node_type.get("min_workers", 0), node_type.get("max_workers", 0)
         if low > high:
@@ -195,7 +214,10 @@ def validate_cluster_config(config: dict, source: str = "cluster config", constr
             f"max_workers={prepared.get('max_workers')}"
         )
 
-    env = _docker_env(prepared.get("docker") or {})
+
+def _check_images_and_profiles(prepared: dict, env: dict, source: str) -> None:
+    """The CHANGE lines filled in, explicit current AMIs, an instance profile on every worker type (AWS)."""
+    types = prepared.get("available_node_types", {})
     aws = prepared["provider"].get("type") == "aws"
     amis = {name: str(t.get("node_config", {}).get("ImageId", "")) for name, t in types.items()}
     # The CHANGE lines first, in one line: a fresh copy of the template names everything to fill in at once.
@@ -205,28 +227,30 @@ def validate_cluster_config(config: dict, source: str = "cluster config", constr
     )
     if todo:
         raise SinkdError(f"{source}: fill in the lines marked CHANGE: {'; '.join(todo)}")
-    if aws:
-        old = _ray_default_amis()
-        for name, ami in amis.items():
-            if ami.lower() in ("", "latest_dlami") or ami in old:
-                raise SinkdError(
-                    f"{source}: node type '{name}' has ImageId {ami or '(none)'!r}, which Ray 2.60 "
-                    "resolves to its default 'AWS Deep Learning AMI (Ubuntu 18.04) V71.0' (glibc 2.27, no "
-                    "torch 2.13 wheel) — set an explicit current AMI (the CHANGE line)"
-                )
-            if not (AMI_ID.match(ami) or ami.startswith("resolve:ssm:")):
-                raise SinkdError(f"{source}: node type '{name}' has ImageId {ami!r}, not an AMI id (ami-…)")
-        for name, node_type in workers.items():
-            profile = node_type.get("node_config", {}).get("IamInstanceProfile") or {}
-            if not (profile.get("Arn") or profile.get("Name")):
-                raise SinkdError(
-                    f"{source}: worker node type '{name}' has no IamInstanceProfile — Ray gives its "
-                    "default role to the head only, so this node cannot write checkpoints to the bucket; "
-                    "add IamInstanceProfile: {Name: sinkd-ray-worker} (deploy/aws_iam.sh)"
-                )
+    if not aws:
+        return
+    old = _ray_default_amis()
+    for name, ami in amis.items():
+        if ami.lower() in ("", "latest_dlami") or ami in old:
+            raise SinkdError(
+                f"{source}: node type '{name}' has ImageId {ami or '(none)'!r}, which Ray 2.60 "
+                "resolves to its default 'AWS Deep Learning AMI (Ubuntu 18.04) V71.0' (glibc 2.27, no "
+                "torch 2.13 wheel) — set an explicit current AMI (the CHANGE line)"
+            )
+        if not (AMI_ID.match(ami) or ami.startswith("resolve:ssm:")):
+            raise SinkdError(f"{source}: node type '{name}' has ImageId {ami!r}, not an AMI id (ami-…)")
+    for name, node_type in _worker_types(prepared).items():
+        profile = node_type.get("node_config", {}).get("IamInstanceProfile") or {}
+        if not (profile.get("Arn") or profile.get("Name")):
+            raise SinkdError(
+                f"{source}: worker node type '{name}' has no IamInstanceProfile — Ray gives its "
+                "default role to the head only, so this node cannot write checkpoints to the bucket; "
+                "add IamInstanceProfile: {Name: sinkd-ray-worker} (deploy/aws_iam.sh)"
+            )
 
-    # The file's own lists (prepare_config merges setup_commands into the head/worker lists): indices as written.
-    _check_software(config, source, constraints)
+
+def _check_bucket_and_backend(config: dict, env: dict, source: str) -> None:
+    """The bucket set once (SINKD_BUCKET) and never written out elsewhere; MLflow's backend chosen explicitly."""
     bucket = env.get("SINKD_BUCKET")
     if not bucket or not re.fullmatch(r"(s3|gs)://[a-z0-9][a-z0-9.\-_]{1,254}(/\S*)?", bucket):
         raise SinkdError(
@@ -248,7 +272,6 @@ def validate_cluster_config(config: dict, source: str = "cluster config", constr
             f"{source}: docker.run_options must set --env=SINKD_MLFLOW_BACKEND=sqlite (lost at `ray "
             f"down`) or ssm:<parameter> (a database URI that survives it); found {backend!r}"
         )
-    return prepared
 
 
 def load_cluster_file(path: str | Path) -> dict:

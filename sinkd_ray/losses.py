@@ -581,6 +581,26 @@ def _check_cost_size(elements: int, max_elements: int, what: str) -> None:
         )
 
 
+def _check_loss_inputs(teacher_probs, student_probs, *, variant: str, p: float, cost: str) -> None:
+    """`sinkhorn_loss`'s argument checks: one line each, before any memory is allocated."""
+    if variant not in SINKHORN_VARIANTS:
+        raise SinkdError(f"sinkhorn variant={variant!r} is not one of {list(SINKHORN_VARIANTS)}")
+    if teacher_probs.shape != student_probs.shape or teacher_probs.dim() != 2:
+        raise SinkdError(
+            f"teacher and student probabilities must both be (b × d), got "
+            f"{tuple(teacher_probs.shape)} and {tuple(student_probs.shape)}"
+        )
+    if not (p >= 1 and math.isfinite(p)):
+        raise SinkdError(f"sinkhorn p={p} must be a finite number ≥ 1 — use 1 (the paper's L1 cost)")
+    if cost not in SINKHORN_COSTS:
+        raise SinkdError(f"sinkhorn cost={cost!r} is not one of {list(SINKHORN_COSTS)}")
+    if variant != "batch" and cost == "support":
+        raise SinkdError(
+            f"sinkhorn cost='support' is for the batch-wise variant, not variant={variant!r} — "
+            "use cost='auto' or 'exact'"
+        )
+
+
 def sinkhorn_loss(
     teacher_probs: torch.Tensor,
     student_probs: torch.Tensor,
@@ -621,22 +641,7 @@ def sinkhorn_loss(
     small b·b·d, see `choose_batch_cost`). The other variants always compute their exact costs.
     Raises SinkdError when the cost would exceed ``max_cost_elements`` instead of running out of memory.
     """
-    if variant not in SINKHORN_VARIANTS:
-        raise SinkdError(f"sinkhorn variant={variant!r} is not one of {list(SINKHORN_VARIANTS)}")
-    if teacher_probs.shape != student_probs.shape or teacher_probs.dim() != 2:
-        raise SinkdError(
-            f"teacher and student probabilities must both be (b × d), got "
-            f"{tuple(teacher_probs.shape)} and {tuple(student_probs.shape)}"
-        )
-    if not (p >= 1 and math.isfinite(p)):
-        raise SinkdError(f"sinkhorn p={p} must be a finite number ≥ 1 — use 1 (the paper's L1 cost)")
-    if cost not in SINKHORN_COSTS:
-        raise SinkdError(f"sinkhorn cost={cost!r} is not one of {list(SINKHORN_COSTS)}")
-    if variant != "batch" and cost == "support":
-        raise SinkdError(
-            f"sinkhorn cost='support' is for the batch-wise variant, not variant={variant!r} — "
-            "use cost='auto' or 'exact'"
-        )
+    _check_loss_inputs(teacher_probs, student_probs, variant=variant, p=p, cost=cost)
     teacher, student = _compute_dtype(teacher_probs), _compute_dtype(student_probs)
     b, d = student.shape
     if variant == "batch":

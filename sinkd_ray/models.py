@@ -503,6 +503,24 @@ def _silence_int8_cast_warning() -> None:
         bnb_logger.addFilter(_DropInt8CastWarning())
 
 
+def _load_tokenizer(source: str, path_or_id: str | Path):
+    """The model's own tokenizer, with a pad token (GPT-style tokenizers have none: eos stands in)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise SinkdError(
+            f"no tokenizer could be loaded from '{path_or_id}' ({err}) — save the tokenizer "
+            "beside the weights (tokenizer.save_pretrained)"
+        ) from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise SinkdError(f"the tokenizer of '{path_or_id}' has neither a pad nor an eos token — add a pad token")
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-style: padding is masked out, any id will do
+    return tokenizer
+
+
 def _load_logit_model(
     path_or_id: str | Path,
     task: Task,
@@ -515,25 +533,12 @@ def _load_logit_model(
     device: torch.device | str | None = None,
 ) -> LogitModel:
     """Shared by `load_teacher` / `load_student`: resolve, pick the Auto class of the family, load quietly."""
-    from transformers import AutoTokenizer
-
     source = _resolve_source(path_or_id)
     meta = _read_meta(source) if Path(source).exists() else {}
     config = _load_config(source, path_or_id)
     family = detect_family(config, family or meta.get("family"))
     logit_space = resolve_logit_space(logit_space, family) or meta.get("logit_space") or "label"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise SinkdError(
-            f"no tokenizer could be loaded from '{path_or_id}' ({err}) — save the tokenizer "
-            "beside the weights (tokenizer.save_pretrained)"
-        ) from err
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise SinkdError(f"the tokenizer of '{path_or_id}' has neither a pad nor an eos token — add a pad token")
-        tokenizer.pad_token = tokenizer.eos_token  # GPT-style: padding is masked out, any id will do
-
+    tokenizer = _load_tokenizer(source, path_or_id)
     dtype = _as_dtype(dtype)
     kwargs: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto"}
     quant = _quantization_config(quantization, family, dtype)
