@@ -197,13 +197,20 @@ def _summarise(results, runs, prepared, cfg: StudyConfig, space, name: str, elap
     return 0
 
 
+def ce_baseline_spec(spec: RunSpec, params: dict) -> RunSpec:
+    """The study's spec (its fixed values included) with the best trial's ``params``, CE only and no teacher: a
+    teacher left in the spec would still run at every step (no cached logits are handed over) for nothing."""
+    spec = spec.with_values({**params, "alpha": 0.0, "beta": 0.0, "gamma": 0.0, "online_teacher": False})
+    return RunSpec(replace(spec.train, teacher=None), spec.distill)
+
+
 def _ce_baseline(prepared, params: dict, name: str) -> float:
     """One CE-only student (α = β = γ = 0) with the best trial's other settings: what the student reaches without
     the teacher, at the same budget."""
     from sinkd_ray.checkpoints import METRICS_FILE, load_json
     from sinkd_ray.driver import PreparedRun, PrintProgress, best_checkpoint_dir, fit_run
 
-    spec = prepared.spec.with_values({**params, "alpha": 0.0, "beta": 0.0, "gamma": 0.0, "online_teacher": False})
+    spec = ce_baseline_spec(prepared.spec, params)
     print("\nCE-only baseline: the best trial's settings without the teacher (α = β = γ = 0)")
     result = fit_run(PreparedRun(spec, prepared.layout, None), f"{name}-ce-baseline", callbacks=[PrintProgress()])
     return float(load_json(best_checkpoint_dir(result) / METRICS_FILE)["dev_metric"])
