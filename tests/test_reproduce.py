@@ -138,3 +138,18 @@ def test_reproduce_exits_with_one_line_when_inputs_are_missing(
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1
     assert not (tmp_path / "out" / "runs.jsonl").exists()
+
+
+def test_orderings_compare_rows_on_the_seeds_both_have(reproduce):
+    """Seed 0 lifted every row here (~0.37); a row run on seed 0 only must be compared with SinKD's seed 0, not
+    with SinKD's 3-seed mean (0.342), or sample-wise looks better than batch-wise when it tied."""
+
+    def runs(*values):
+        return [{"seed": seed, "best": v} for seed, v in enumerate(values)]
+
+    records = {"ce_kd": runs(0.369, 0.331, 0.311), "sinkd": runs(0.371, 0.348, 0.307), "sample": runs(0.3706)}
+    lines = reproduce.orderings(records)
+    sample = next(line for line in lines if line.startswith("- sample-wise < batch-wise"))
+    assert "held (0.3706 vs 0.3710 over seed(s) 0; one seed" in sample
+    kd = next(line for line in lines if line.startswith("- CE+KD < SinKD:"))
+    assert "held (0.3370 vs 0.3420 over seed(s) 0, 1, 2; gap within the seed std 0.0324)" in kd
