@@ -46,65 +46,32 @@ def _fixtures(root: Path) -> dict[str, str]:
     }
 
 
+def _with(argv: list[str], flag: str, value: str) -> list[str]:
+    """``argv`` with the value after ``flag`` replaced."""
+    i = argv.index(flag) + 1
+    return [*argv[:i], value, *argv[i + 1 :]]
+
+
 def cases(f: dict[str, str]) -> list[tuple[str, list[str]]]:
-    train = [
-        "-m",
-        "sinkd_ray.train",
-        "--task",
-        "cola",
-        "--student",
-        f["bert"],
-        "--student-layers",
-        "2",
-        "--teacher",
-        f["teacher"],
-        "--data-dir",
-        f["data"],
-        "--max-length",
-        "32",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "16",
-        "--storage-path",
-        f["runs"],
-        "--resources-wait",
-        "0",
-    ]
-    tune = [
-        "-m",
-        "sinkd_ray.tune",
-        "--task",
-        "cola",
-        "--student",
-        f["bert"],
-        "--student-layers",
-        "2",
-        "--teacher",
-        f["teacher"],
-        "--data-dir",
-        f["data"],
-        "--max-length",
-        "32",
-        "--storage-path",
-        f["runs"],
-        "--resources-wait",
-        "0",
-    ]
+    # the same tiny models, data and storage for both CLIs; each case adds its one bad input
+    common = ["--task", "cola", "--student", f["bert"], "--student-layers", "2", "--teacher", f["teacher"]]
+    common += ["--data-dir", f["data"], "--max-length", "32", "--storage-path", f["runs"], "--resources-wait", "0"]
+    train = ["-m", "sinkd_ray.train", *common, "--epochs", "1", "--batch-size", "16"]
+    tune = ["-m", "sinkd_ray.tune", *common]
     return [
         ("lr 1e30: the run diverges", [*train, "--lr", "1e30", "--max-grad-norm", "0", "--warmup-ratio", "0"]),
         ("--gpus-per-worker 1 without a GPU", [*train, "--gpus-per-worker", "1"]),
         ("--workers 4 on 2 CPUs", [*train, "--workers", "4"]),
         ("--tracking-uri http://127.0.0.1:9", [*tune, "--tracking-uri", "http://127.0.0.1:9"]),
         ("--tracking-uri foo://bar", [*tune, "--tracking-uri", "foo://bar"]),
-        ("a binary train.tsv", [*train[:11], f["binary"], *train[12:]]),
-        ("--storage-path on a file", [*train[:-4], "--storage-path", f["file"], "--resources-wait", "0"]),
-        ("--student-layers 12 (the model has 4)", [*train[:7], "12", *train[8:]]),
+        ("a binary train.tsv", _with(train, "--data-dir", f["binary"])),
+        ("--storage-path on a file", _with(train, "--storage-path", f["file"])),
+        ("--student-layers 12 (the model has 4)", _with(train, "--student-layers", "12")),
         ("--max-train-examples 1", [*train, "--max-train-examples", "1"]),
         ("--lr -1e-5", [*train, "--lr", "-1e-5"]),
         ("--alpha 1.5", [*train, "--alpha", "1.5"]),
-        ("a hub id without network", [*train[:5], "some-org/not-cached-model", *train[6:]]),
-        ("unknown task", [*train[:3], "colaa", *train[4:]]),
+        ("a hub id without network", _with(train, "--student", "some-org/not-cached-model")),
+        ("unknown task", _with(train, "--task", "colaa")),
         ("--search-space nope", [*tune, "--search-space", "nope"]),
         ("--cpus-per-worker 2 in a study on 2 cores", [*tune, "--cpus-per-worker", "2"]),
     ]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import spec_for
 
 import sinkd_ray.worker as worker_module
 from sinkd_ray.config import DistillConfig, RunSpec, TrainConfig
@@ -13,23 +14,7 @@ from sinkd_ray.worker import distill
 
 
 def _tcfg(tiny_bert_dir, teacher, data_dir, **kw) -> TrainConfig:
-    return TrainConfig(
-        **{
-            **dict(
-                task="cola",
-                student=str(tiny_bert_dir),
-                student_layers=2,
-                teacher=str(teacher),
-                data_dir=str(data_dir),
-                max_length=32,
-                epochs=1,
-                lr=1e-3,
-                eval_batch_size=16,
-                bf16=False,
-            ),
-            **kw,
-        }
-    )
+    return spec_for(tiny_bert_dir, teacher, data_dir, **{"epochs": 1, **kw}).train
 
 
 def _teacher_weights(path: Path) -> dict[str, torch.Tensor]:
