@@ -1,11 +1,12 @@
 """Reproduce the SinKD paper's ablation tables on a local GLUE copy, offline, on a CPU.
 
     python benchmarks/reproduce.py --task cola --data-dir ../shared/data \
-        --teacher <fine-tuned teacher, or a base model to fine-tune> --student <model> --seeds 3 --jobs 2
+        --teacher <fine-tuned teacher> (or --teacher-base <model to fine-tune>) --student <model> --seeds 3 --jobs 2
 
 Steps: (1) the teacher and its logits come through the same preparation as `python -m sinkd_ray.train` and
-`python -m sinkd_ray.tune` (`driver.prepare_run`): a base-model teacher is fine-tuned once (cached by
-fingerprint under --out-dir/teachers), its train/dev logits cached once; (2) every row of the selected tables
+`python -m sinkd_ray.tune` (`driver.prepare_run`): a base-model teacher (--teacher-base, or an encoder --teacher
+without the task's head) is fine-tuned once (cached by fingerprint under --out-dir/teachers), its train/dev
+logits cached once; (2) every row of the selected tables
 trains one student per seed, with the same data order and student initialisation per seed across rows (the seed
 drives both), in plain processes (no Ray; the workers' own loop, `worker.distill`; `--jobs` in parallel, each
 with cores/jobs threads); (3) one Markdown and one CSV table — dev metric mean ± std over seeds (best of the
@@ -140,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(
         p,
         StudyConfig,
-        group="the teacher, when --teacher is a base model to fine-tune",
-        skip=tuple(f for f in StudyConfig.help_texts() if f not in ("teacher_epochs", "teacher_lr")),
+        group="the teacher to fine-tune first: --teacher-base, or a --teacher encoder without the task's head",
+        skip=tuple(f for f in StudyConfig.help_texts() if f not in ("teacher_base", "teacher_epochs", "teacher_lr")),
     )
     add_config_args(p, RuntimeConfig, group="runtime", skip=("storage_path",))
     add_config_args(p, TrainConfig, group="every run (unset: the paper's per-task script)")
@@ -342,8 +343,9 @@ def orderings(records: dict[str, list[dict]]) -> list[str]:
 
 
 def prepare(args, typed: set[str]):
-    """The shared run preparation: preflight, the teacher (fine-tuned here when --teacher is a base model), its
-    train logits; then its dev score."""
+    """The shared run preparation: preflight, the teacher (fine-tuned here from --teacher-base, or from a --teacher
+    encoder without the task's head; a generative --teacher is used as is: its LM head already reads label
+    words), its train logits; then its dev score."""
     from sinkd_ray.driver import prepare_run, teacher_dev_score
     from sinkd_ray.models import has_task_head, load_config
     from sinkd_ray.storage import StorageLayout
@@ -352,7 +354,14 @@ def prepare(args, typed: set[str]):
     layout = StorageLayout.at(args.out_dir)
     runtime = RuntimeConfig(storage_path=str(layout.root), address=args.address, resources_wait=args.resources_wait)
     base = None
-    if spec.train.teacher and not has_task_head(
+    if "teacher_base" in typed:  # fine-tune it even where it could teach as is (a generative model's LM head)
+        if spec.train.teacher:
+            raise SinkdError(
+                "--teacher and --teacher-base both given — --teacher is used as it is, --teacher-base is "
+                "fine-tuned on the task first: give one of them"
+            )
+        base = args.teacher_base
+    elif spec.train.teacher and not has_task_head(
         load_config(spec.train.teacher), spec.train.family, get_task(spec.train.task)
     ):
         base, spec = spec.train.teacher, RunSpec(replace(spec.train, teacher=None), spec.distill)

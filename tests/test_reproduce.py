@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -153,3 +154,36 @@ def test_orderings_compare_rows_on_the_seeds_both_have(reproduce):
     assert "held (0.3706 vs 0.3710 over seed(s) 0; one seed" in sample
     kd = next(line for line in lines if line.startswith("- CE+KD < SinKD:"))
     assert "held (0.3370 vs 0.3420 over seed(s) 0, 1, 2; gap within the seed std 0.0324)" in kd
+
+
+def test_teacher_base_is_fine_tuned_first_even_when_a_generative_model_could_teach_as_is(
+    tmp_path, reproduce, tiny_gptneo_dir, monkeypatch
+):
+    """A decoder's LM head reads label words, so a --teacher decoder is used as is; --teacher-base asks for the
+    CE fine-tune first (the teacher the paper distils from), with --teacher-epochs / --teacher-lr."""
+    import sinkd_ray.driver as driver
+
+    calls = []
+    monkeypatch.setattr(
+        driver, "prepare_run", lambda spec, *a, **kw: calls.append((spec, kw)) or SimpleNamespace(spec=spec)
+    )
+    monkeypatch.setattr(driver, "teacher_dev_score", lambda spec, layout: 0.5)
+    parser = reproduce.build_parser()
+    common = ["--task", "cola", "--student", str(tiny_gptneo_dir), "--out-dir", str(tmp_path)]
+
+    def prepare(*flags):
+        argv = [*common, *flags]
+        return reproduce.prepare(parser.parse_args(argv), reproduce.explicit_dests(parser, argv))
+
+    prepare("--teacher", str(tiny_gptneo_dir))
+    spec, kw = calls.pop()
+    assert spec.train.teacher == str(tiny_gptneo_dir) and kw["teacher_base"] is None  # used as is
+
+    prepare("--teacher-base", str(tiny_gptneo_dir), "--teacher-epochs", "2", "--teacher-lr", "5e-5")
+    spec, kw = calls.pop()
+    assert spec.train.teacher is None and kw["teacher_base"] == str(tiny_gptneo_dir)
+    assert (kw["teacher_train"].epochs, kw["teacher_train"].lr) == (2, 5e-5)
+
+    with pytest.raises(SinkdError, match="give one of them"):
+        prepare("--teacher", str(tiny_gptneo_dir), "--teacher-base", str(tiny_gptneo_dir))
+    assert not calls
