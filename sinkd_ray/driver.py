@@ -170,6 +170,7 @@ def logits_request(spec: RunSpec, split: str) -> LogitsRequest:
         bf16=bf16,
         family=tcfg.family,
         dtype=dtype,
+        max_examples=tcfg.max_train_examples if split == "train" else None,
     )
 
 

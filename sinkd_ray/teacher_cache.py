@@ -44,9 +44,13 @@ class TeacherLogitsKey:
     logit_space: str
     quantization: str
     precision: str  # "fp32" or "bf16": the autocast dtype of the teacher forward
+    examples: int | None = None  # the split's first N examples only (--max-train-examples); None: all of it
 
     def digest(self) -> str:
-        payload = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if fields["examples"] is None:  # left out: whole-split caches keep the digests they were written under
+            del fields["examples"]
+        payload = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:20]
 
     def filename(self) -> str:
@@ -63,6 +67,7 @@ def teacher_logits_key(
     quantization: str | None,
     bf16: bool,
     prompt: bool,
+    examples: int | None = None,
 ) -> TeacherLogitsKey:
     return TeacherLogitsKey(
         teacher_fingerprint=model_fingerprint(teacher),
@@ -73,6 +78,7 @@ def teacher_logits_key(
         logit_space=logit_space,
         quantization=quantization or "none",
         precision="bf16" if bf16 else "fp32",
+        examples=examples,
     )
 
 
@@ -116,6 +122,9 @@ class LogitsRequest:
     family: str | None = None
     dtype: str = "float32"
     batch_size: int = 64
+    # The first N examples only, as the run trains on (--max-train-examples): a vocabulary cache of a whole large
+    # split would be n × d floats (SST-2 at d = 49,152: 13 GB) computed for examples no run reads.
+    max_examples: int | None = None
 
     def key(self) -> TeacherLogitsKey:
         """Only the config is read to build the key, so a cache hit never loads the teacher's weights."""
@@ -129,6 +138,7 @@ class LogitsRequest:
             quantization=self.quantization,
             bf16=self.bf16,
             prompt=family != "encoder",
+            examples=self.max_examples,
         )
 
     def compute(self, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -151,6 +161,8 @@ class LogitsRequest:
             self.max_length,
             prompt=teacher.family != "encoder",
         )
+        if self.max_examples is not None:
+            tokenized = tokenized.select(range(min(self.max_examples, len(tokenized))))
         return compute_logits(teacher, tokenized, batch_size=self.batch_size, bf16=self.bf16)
 
 

@@ -201,6 +201,12 @@ class DistillRecipe:
             self._tokenized(self.student.tokenizer, "train"),
             self._tokenized(self.student.tokenizer, "dev"),
         )
+        cached = self.cached_teacher_logits
+        if cached is not None and len(cached) < len(self.train_ds):
+            raise RunFailed(
+                f"the cached teacher logits cover {len(cached)} training examples, the run trains on "
+                f"{len(self.train_ds)} — compute them with the run's --max-train-examples (the driver does)"
+            )
         self.teacher = self._teacher()
         if ctx.world > 1:
             shard_student(self.student, ctx.world, ctx.device, self.bf16)

@@ -1,6 +1,7 @@
 """The driver path every command takes: preflight refusals (one line, before any work), the teacher-logit
 cache key, Ray Train runs end to end (FSDP, crash and resume, a diverged run that is not retried), export."""
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -115,12 +116,38 @@ def test_teacher_cache_is_reused_and_invalidated(tmp_path, tiny_teacher_dir, col
         ("bf16", True),
         ("split", "dev"),
         ("task", "sst2"),
+        ("max_examples", 48),
     ],
 )
 def test_every_input_of_the_logits_is_in_the_cache_key(tiny_gptneo_dir, field, value):
     """Changing anything the logits depend on changes the key (template too: see the prompt case below)."""
     base = LogitsRequest(str(tiny_gptneo_dir), "cola", "train", None, max_length=32)
     assert base.key().digest() != LogitsRequest(**{**base.__dict__, field: value}).key().digest()
+
+
+def test_a_limited_cache_holds_the_first_n_rows_of_the_whole_split_and_whole_split_keys_keep_their_digest(
+    tmp_path, tiny_teacher_dir, cola_fixture_dir
+):
+    """--max-train-examples N: the cache holds the teacher's logits on the split's first N examples only (a whole
+    SST-2 vocabulary cache would be 13 GB), the same values as those rows of the whole split's cache; a whole-split
+    key hashes exactly the fields it had before ``examples`` existed, so caches written then are still found."""
+    import hashlib
+    import json
+
+    whole = LogitsRequest(str(tiny_teacher_dir), "cola", "train", str(cola_fixture_dir), max_length=32)
+    limited = dataclasses.replace(whole, max_examples=40)
+    whole_path, _ = cached_teacher_logits(whole, tmp_path)
+    limited_path, computed = cached_teacher_logits(limited, tmp_path)
+    assert computed and limited_path != whole_path
+    first_rows = load_teacher_logits(whole_path)[:40]
+    assert load_teacher_logits(limited_path).shape == (40, 2)
+    torch.testing.assert_close(load_teacher_logits(limited_path), first_rows, rtol=1e-5, atol=1e-6)
+
+    key = whole.key()
+    old_fields = {f: getattr(key, f) for f in ("teacher_fingerprint", "task", "split", "max_length", "template")}
+    old_fields |= {"logit_space": key.logit_space, "quantization": key.quantization, "precision": key.precision}
+    old_digest = hashlib.sha256(json.dumps(old_fields, sort_keys=True).encode()).hexdigest()[:20]
+    assert key.digest() == old_digest
 
 
 def test_the_prompt_template_is_in_the_cache_key(tiny_gptneo_dir, monkeypatch):

@@ -188,6 +188,29 @@ def test_cached_and_live_teacher_give_the_same_loss(tmp_path, tiny_teacher_dir, 
     torch.testing.assert_close(loss_cached, loss_live, rtol=1e-5, atol=1e-6)
 
 
+def test_cached_teacher_logits_shorter_than_the_training_data_are_refused_in_one_line(
+    tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
+    """Logits cached for --max-train-examples 40 cannot teach a run on all 96 examples (rows 40–95 would raise
+    an IndexError mid-epoch, or worse, read another example's row)."""
+    path, _ = cached_teacher_logits(
+        LogitsRequest(str(tiny_teacher_dir), "cola", "train", str(cola_fixture_dir), max_length=32, max_examples=40),
+        tmp_path,
+    )
+    spec = spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir)
+    with pytest.raises(RunFailed, match="cover 40 training examples, the run trains on 96"):
+        distill(spec, report=lambda *_: None, teacher_logits=load_teacher_logits(path), checkpoint=False)
+    limited = spec.with_values({"max_train_examples": 40})
+    reports = []
+    distill(
+        limited,
+        report=lambda metrics, _: reports.append(metrics),
+        teacher_logits=load_teacher_logits(path),
+        checkpoint=False,
+    )
+    assert reports and reports[-1]["train_kl"] > 0
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 
 
