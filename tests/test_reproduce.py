@@ -103,6 +103,11 @@ def test_reproduce_row_settings_match_the_paper_ablations(reproduce):
     unit = rows["sinkd_unit"]
     assert (unit.sinkhorn_mass, unit.sinkhorn_scale, unit.beta, unit.sinkhorn_lambda) == ("unit", 1.0, 0.05, 0.2)
     assert reproduce.row_spec(base, "ce", values, seed=1).train.seed == 1
+    # generative students: KD and SinKD each in both logit spaces, so Sinkhorn is compared with KD in the same one
+    label_kd, label_sd = (reproduce.row_spec(base, row, values, seed=1) for row in ("ce_kd_label", "sinkd_label"))
+    assert (label_kd.train.logit_space, label_sd.train.logit_space) == ("label", "label")
+    assert weights["ce_kd_label"]["sd"] == 0.0 and weights["sinkd_label"]["sd"] == 0.8
+    assert reproduce.row_spec(base, "sinkd_vocab", values, seed=1).train.logit_space == "vocab"
 
 
 def test_untyped_fields_take_the_papers_settings_and_typed_flags_win(reproduce):
