@@ -641,7 +641,7 @@ def sinkhorn_loss(
     small b·b·d, see `choose_batch_cost`). The other variants always compute their exact costs.
     Raises SinkdError when the cost would exceed ``max_cost_elements`` instead of running out of memory.
     """
-    # 64 lines, most of them the docstring's equations for the four variants; the body is one dispatch
+    # 65 lines, most of them the docstring's equations for the four variants; the body is one dispatch
     _check_loss_inputs(teacher_probs, student_probs, variant=variant, p=p, cost=cost)
     teacher, student = _compute_dtype(teacher_probs), _compute_dtype(student_probs)
     b, d = student.shape
