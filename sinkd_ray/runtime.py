@@ -15,6 +15,9 @@ import os
 from sinkd_ray.errors import SinkdError
 
 ADDRESS_ENV = "RAY_ADDRESS"
+# The resource Ray gives the head node only (ray._private.ray_constants.HEAD_NODE_RESOURCE_NAME): asking for a
+# sliver of it places an actor on the head.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 def pin_ray_address() -> None:
@@ -74,11 +77,12 @@ def worker_bundle(cpus: float, gpus: float, resources: dict[str, float]) -> dict
 
 
 def fits_now(bundle: dict[str, float], count: int, extra_cpu: float = 0.0) -> bool:
-    """Whether ``count`` bundles (and ``extra_cpu`` beside them, anywhere) fit into the nodes the cluster has
-    (their total resources, busy or not)."""
+    """Whether ``count`` bundles, and ``extra_cpu`` on the head beside them (where trial actors run: see
+    `sinkd_ray.study.TRIAL_RESOURCES`), fit into the nodes the cluster has (their total resources, busy or not).
+    Workers go to other nodes first; the head holds only those that fit nowhere else."""
     import ray
 
-    capacity, spare_cpu = 0, 0.0
+    capacity, head_capacity, head_cpu = 0, 0, 0.0
     for node in ray.nodes():
         if not node.get("Alive"):
             continue
@@ -87,8 +91,10 @@ def fits_now(bundle: dict[str, float], count: int, extra_cpu: float = 0.0) -> bo
             (int(total.get(k, 0.0) / v + 1e-9) if v > 0 else count for k, v in bundle.items()), default=count
         )
         capacity += per_node
-        spare_cpu = max(spare_cpu, total.get("CPU", 0.0) - min(per_node, count) * bundle.get("CPU", 0.0))
-    return capacity >= count and spare_cpu + 1e-9 >= extra_cpu
+        if HEAD_NODE_RESOURCE in total:
+            head_capacity, head_cpu = per_node, total.get("CPU", 0.0)
+    on_head = min(max(0, count - (capacity - head_capacity)), head_capacity)
+    return capacity >= count and head_cpu - on_head * bundle.get("CPU", 0.0) + 1e-9 >= extra_cpu
 
 
 def check_resources(bundle: dict[str, float], count: int, *, wait_s: float, extra_cpu: float = 0.0) -> None:
@@ -101,7 +107,9 @@ def check_resources(bundle: dict[str, float], count: int, *, wait_s: float, extr
     if fits_now(bundle, count, extra_cpu):
         return
     have = {k: v for k, v in ray.cluster_resources().items() if k in bundle or k in ("CPU", "GPU")}
-    need = f"{count} worker(s) × {bundle}" + (f" + {extra_cpu} CPU for the trial itself" if extra_cpu else "")
+    need = f"{count} worker(s) × {bundle}"
+    if extra_cpu:
+        need += f" + {extra_cpu} CPU on the head for the trial itself"
     if wait_s <= 0:
         raise SinkdError(
             f"this Ray cluster cannot place {need} (it has {have}) — lower --workers / "
@@ -113,7 +121,8 @@ def check_resources(bundle: dict[str, float], count: int, *, wait_s: float, extr
         f"--resources-wait to change)",
         flush=True,
     )
-    bundles = [dict(bundle) for _ in range(count)] + ([{"CPU": extra_cpu}] if extra_cpu else [])
+    trial = [{"CPU": extra_cpu, HEAD_NODE_RESOURCE: 0.001}] if extra_cpu else []
+    bundles = [dict(bundle) for _ in range(count)] + trial
     group = placement_group(bundles, strategy="PACK")
     try:
         ready = group.wait(timeout_seconds=wait_s)

@@ -16,12 +16,18 @@ from pathlib import Path
 from sinkd_ray.config import RunSpec, StudyConfig
 from sinkd_ray.driver import PreparedRun, build_trainer, fit
 from sinkd_ray.errors import SinkdError
+from sinkd_ray.runtime import HEAD_NODE_RESOURCE
 from sinkd_ray.search_space import SearchSpace
 from sinkd_ray.storage import StorageLayout
 
 METRIC, MODE = "dev_metric", "max"
 # What each trial's own actor reserves (the Train V2 pattern: a Tune function that fits a trainer; 0 is refused).
 TRIAL_CPU = 0.01
+# ... and where: on the head. Train V2 starts each run's controller on its trial's node, and the first controller
+# creates Train's detached AutoscalingCoordinator actor on its own node for good. A live actor keeps a node busy,
+# so on an autoscaling cluster a GPU node that once hosted a trial actor was never released (seen with the fake
+# multi-node provider: the node hosting the coordinator reported "Busy workers on node." long after the study).
+TRIAL_RESOURCES = {"cpu": TRIAL_CPU, HEAD_NODE_RESOURCE: 0.001}
 
 
 # ------------------------------------------------------------------------------------------- the space
@@ -122,7 +128,7 @@ def fit_study(
         "root": layout.root,
         "study": study,
     }
-    trainable = tune.with_resources(tune.with_parameters(trial_run, setup=setup), {"cpu": TRIAL_CPU})
+    trainable = tune.with_resources(tune.with_parameters(trial_run, setup=setup), TRIAL_RESOURCES)
     if cfg.resume:
         print(f"resuming study {study}")
         tuner = tune.Tuner.restore(

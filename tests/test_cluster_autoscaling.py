@@ -140,6 +140,32 @@ class FakeCluster:
         # The monitor writes the report only once its autoscaler has a summary; earlier records hold load metrics only.
         return (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
 
+    def occupants(self) -> str:
+        """What is still alive on the cluster (actors, placement groups, the GCS's resource view): shown when a
+        node is not released, so the failure says what holds it."""
+        from ray.util.state import list_actors, list_placement_groups
+
+        with self.addressed():
+            actors = list_actors(address=self.dashboard, filters=[("state", "!=", "DEAD")], limit=100)
+            groups = list_placement_groups(address=self.dashboard, filters=[("state", "!=", "REMOVED")], limit=100)
+        return (
+            f"actors: {[(a.class_name, a.state, a.node_id, a.name) for a in actors]}; "
+            f"placement groups: {[(g.name, g.state, g.bundles) for g in groups]}; "
+            f"autoscaler: {self.autoscaler_report()}"
+        )
+
+    def actor_placement(self) -> tuple[str, dict[str, set[str]]]:
+        """The head's node id, and each actor class → the nodes its actors ran on (dead ones included)."""
+        from ray.util.state import list_actors, list_nodes
+
+        with self.addressed():
+            head = next(n.node_id for n in list_nodes(address=self.dashboard) if n.is_head_node)
+            actors = list_actors(address=self.dashboard, limit=1000)
+        placement: dict[str, set[str]] = {}
+        for actor in actors:
+            placement.setdefault(actor.class_name, set()).add(actor.node_id)
+        return head, placement
+
     def alive_workers(self) -> list[str]:
         from ray.util.state import list_nodes
 
@@ -322,7 +348,7 @@ def autoscaled_study(fake_cluster, ray_cluster, tmp_path_factory, tiny_bert_dir,
 
 
 @pytest.mark.ray
-def test_the_readme_study_autoscales_gpu_nodes_of_cluster_yaml(autoscaled_study, ray_cluster):
+def test_the_readme_study_autoscales_gpu_nodes_of_cluster_yaml(autoscaled_study, fake_cluster, ray_cluster):
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -338,6 +364,14 @@ def test_the_readme_study_autoscales_gpu_nodes_of_cluster_yaml(autoscaled_study,
     assert len(placements) == 2 and len(trial_nodes) == 2, placements
     assert {study.node_types.get(node) for node in trial_nodes} == {"gpu-1x"}, (trial_nodes, study.node_types)
     assert "gpu-8x" not in study.node_types.values()
+
+    # Only the Train workers ran on GPU nodes. Trial actors stay on the head, and with them the Train controllers
+    # and Train's detached AutoscalingCoordinator (created on the first controller's node, alive for good): on a
+    # GPU node it kept that node busy, so the autoscaler never released it.
+    head, placement = fake_cluster.actor_placement()
+    for name in ("ImplicitFunc", "TrainController", "_AutoscalingCoordinatorActor"):
+        assert placement.get(name) == {head}, (name, head, placement)
+    assert placement["RayTrainWorker"] <= set(trial_nodes), placement
 
     version = MlflowClient(study.tracking).get_model_version_by_alias("sinkd-cola-student", "best")
     assert version.run_id
@@ -360,6 +394,6 @@ def test_idle_gpu_nodes_of_the_autoscaled_study_are_released(autoscaled_study, f
         ),
         360,
         "idle gpu-1x nodes were not released",
-        lambda: str(fake_cluster.autoscaler_report()),
+        fake_cluster.occupants,
     )
     print(f"idle nodes released {time.monotonic() - autoscaled_study.t0:.0f} s after the submission")

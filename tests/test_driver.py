@@ -285,6 +285,39 @@ def test_a_request_the_cluster_cannot_place_is_refused_at_once(
         )
 
 
+def _node(cpu: float, head: bool = False, **resources: float) -> dict:
+    total = {"CPU": cpu, **resources, **({"node:__internal_head__": 1.0} if head else {})}
+    return {"Alive": True, "Resources": total}
+
+
+@pytest.mark.parametrize(
+    ("nodes", "bundle", "count", "with_trial", "workers_alone"),
+    [
+        ([_node(2, head=True)], {"CPU": 1.99}, 1, True, True),  # the demo: the trial's 0.01 CPU beside the worker
+        ([_node(2, head=True)], {"CPU": 2.0}, 1, False, True),
+        ([_node(2, head=True), _node(2)], {"CPU": 2.0}, 1, True, True),  # the worker goes to the other node
+        ([_node(2, head=True), _node(2)], {"CPU": 2.0}, 2, False, True),  # one worker must take the whole head
+        ([_node(2, head=True), _node(2)], {"CPU": 1.99}, 2, True, True),
+        ([_node(2, head=True), _node(2)], {"CPU": 1.0}, 5, False, False),
+        ([_node(16, head=True), _node(8, GPU=1), _node(8, GPU=1)], {"CPU": 8, "GPU": 1}, 2, True, True),
+        # a head started with --num-cpus=0: the workers fit on the GPU node, the trial has nowhere to run
+        ([_node(0, head=True), _node(8, GPU=1)], {"CPU": 1, "GPU": 1}, 1, False, True),
+        ([_node(2, head=True), _node(4)], {"CPU": 2.0}, 2, True, True),  # both workers on the larger node
+        ([_node(2, head=True), _node(4)], {"CPU": 2.0}, 3, False, True),
+    ],
+)
+def test_the_trial_actor_is_placed_on_the_head_beside_the_workers(
+    monkeypatch, nodes, bundle, count, with_trial, workers_alone
+):
+    import ray
+
+    from sinkd_ray.runtime import fits_now
+
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert fits_now(bundle, count, extra_cpu=0.01) is with_trial
+    assert fits_now(bundle, count) is workers_alone
+
+
 # ------------------------------------------------------------------------ layout, GPU paths on paper
 
 

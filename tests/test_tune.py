@@ -255,7 +255,8 @@ def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(
         (["--student-layers", "12"], "has only 4 layers"),
         (["--max-train-examples", "1"], "1 training examples give no full step of 16"),
         (["--gpus-per-worker", "1", "--resources-wait", "0"], "cannot place 1 worker(s)"),
-        (["--cpus-per-worker", "2", "--resources-wait", "0"], "+ 0.01 CPU for the trial itself"),  # on 2 cores
+        # 2 nodes of 2 CPUs: the workers take both, and the trial's actor must run on the head
+        (["--cpus-per-worker", "2", "--workers", "2", "--resources-wait", "0"], "+ 0.01 CPU on the head for the trial"),
     ],
 )
 def test_bad_cli_values_are_one_line_errors(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, extra, message):
