@@ -111,6 +111,7 @@ def _data_parallel_worker(rank, world, port, results):
         )
         total.backward()
         results[rank] = local.grad / world  # what data-parallel gradient averaging would apply
+        dist.barrier()  # both ranks done before either tears gloo down (else: SIGABRT in teardown)
     finally:
         dist.destroy_process_group()
 

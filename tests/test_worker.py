@@ -63,6 +63,7 @@ def _two_worker_run(rank: int, world: int, port: int, out: str, use_gather: bool
         result = _loss_and_grads(model, x[part], t[part], y[part], cfg, global_gather if use_gather else None)
         if rank == 0:
             torch.save(result, out)
+        dist.barrier()  # both ranks done before either tears gloo down (else: SIGABRT in teardown)
     finally:
         dist.destroy_process_group()
 
@@ -118,6 +119,7 @@ def _loop_on_workers(rank, world, port, spec_dict, logits, out):
             shards.append((tuple(p.shape), tuple(p.to_local().shape), type(p).__name__))
         recipe.train(report)
         torch.save({"reports": reports, "shards": shards}, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # both ranks done before either tears gloo down (else: SIGABRT in teardown)
     finally:
         dist.destroy_process_group()
 
