@@ -91,10 +91,14 @@ def fits_now(bundle: dict[str, float], count: int, extra_cpu: float = 0.0) -> bo
             (int(total.get(k, 0.0) / v + 1e-9) if v > 0 else count for k, v in bundle.items()), default=count
         )
         capacity += per_node
-        if HEAD_NODE_RESOURCE in total:
+        if _is_alive_head(node):
             head_capacity, head_cpu = per_node, total.get("CPU", 0.0)
     on_head = min(max(0, count - (capacity - head_capacity)), head_capacity)
     return capacity >= count and head_cpu - on_head * bundle.get("CPU", 0.0) + 1e-9 >= extra_cpu
+
+
+def _is_alive_head(node: dict) -> bool:
+    return bool(node.get("Alive")) and HEAD_NODE_RESOURCE in node.get("Resources", {})
 
 
 def check_resources(bundle: dict[str, float], count: int, *, wait_s: float, extra_cpu: float = 0.0) -> None:
@@ -106,6 +110,12 @@ def check_resources(bundle: dict[str, float], count: int, *, wait_s: float, extr
 
     if fits_now(bundle, count, extra_cpu):
         return
+    head_cpu = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if _is_alive_head(n)), default=0.0)
+    if head_cpu + 1e-9 < extra_cpu:  # no node the autoscaler adds is a head: waiting cannot help
+        raise SinkdError(
+            f"the head node has {head_cpu:g} CPUs, and each trial's actor runs there ({extra_cpu} CPU) — "
+            "start the head with CPUs (e.g. `ray start --head --num-cpus 2`; cluster.yaml's head has them)"
+        )
     have = {k: v for k, v in ray.cluster_resources().items() if k in bundle or k in ("CPU", "GPU")}
     need = f"{count} worker(s) × {bundle}"
     if extra_cpu:

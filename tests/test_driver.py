@@ -318,6 +318,20 @@ def test_the_trial_actor_is_placed_on_the_head_beside_the_workers(
     assert fits_now(bundle, count) is workers_alone
 
 
+def test_a_head_without_cpus_is_refused_at_once_even_where_nodes_may_still_come(monkeypatch):
+    import ray
+
+    from sinkd_ray.runtime import check_resources
+
+    nodes = [_node(0, head=True), _node(8, GPU=1)]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+    with pytest.raises(SinkdError, match=r"^the head node has 0 CPUs, and each trial's actor runs there") as info:
+        check_resources({"CPU": 1, "GPU": 1}, 1, wait_s=600, extra_cpu=0.01)  # no placement group, no wait
+    assert "\n" not in str(info.value)
+    check_resources({"CPU": 1, "GPU": 1}, 1, wait_s=600)  # a single run (no trial actor) fits
+
+
 # ------------------------------------------------------------------------ layout, GPU paths on paper
 
 
