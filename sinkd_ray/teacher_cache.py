@@ -13,11 +13,12 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sinkd_ray.data import GlobalBatchSampler, load_split, make_loader, tokenize_split
@@ -185,7 +186,17 @@ def cached_teacher_logits(
     path = Path(cache_dir) / key.filename()
     if path.exists():
         return path, False
+    whole = replace(request, max_examples=None)
+    whole_path = Path(cache_dir) / whole.key().filename()
+    # A limit at least as large as the split is the whole split: one file for both (its length is known only
+    # from the data, so from a cached whole split, or from the computed logits falling short of the limit).
+    if request.max_examples is not None and whole_path.exists():
+        with safe_open(str(whole_path), "pt") as cached:
+            if cached.get_slice("logits").get_shape()[0] <= request.max_examples:
+                return whole_path, False
     logits = compute(request) if compute is not None else request.compute()
+    if request.max_examples is not None and logits.shape[0] < request.max_examples:
+        key, path = whole.key(), whole_path
     write_logits(path, logits, key)
     return path, True
 

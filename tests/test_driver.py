@@ -150,6 +150,25 @@ def test_a_limited_cache_holds_the_first_n_rows_of_the_whole_split_and_whole_spl
     assert key.digest() == old_digest
 
 
+def test_a_limit_at_least_the_split_size_shares_the_whole_split_cache(tmp_path, tiny_teacher_dir, cola_fixture_dir):
+    whole = LogitsRequest(str(tiny_teacher_dir), "cola", "train", str(cola_fixture_dir), max_length=32)
+    path, _ = cached_teacher_logits(whole, tmp_path / "a")
+    rows = load_teacher_logits(path).shape[0]
+
+    def never(request):
+        raise AssertionError(f"recomputed for {request}")
+
+    # the whole split cached first: a limit >= its rows reads that file, a smaller one does not
+    assert cached_teacher_logits(dataclasses.replace(whole, max_examples=rows), tmp_path / "a", never) == (path, False)
+    assert cached_teacher_logits(dataclasses.replace(whole, max_examples=rows + 5), tmp_path / "a")[0] == path
+    assert cached_teacher_logits(dataclasses.replace(whole, max_examples=rows - 1), tmp_path / "a")[0] != path
+    # a limit beyond the split computed first: written as the whole split, which a whole-split request then finds
+    first, computed = cached_teacher_logits(dataclasses.replace(whole, max_examples=rows + 5), tmp_path / "b")
+    assert computed and first.name == path.name
+    assert cached_teacher_logits(whole, tmp_path / "b", never) == (first, False)
+    torch.testing.assert_close(load_teacher_logits(first), load_teacher_logits(path))
+
+
 def test_the_prompt_template_is_in_the_cache_key(tiny_gptneo_dir, monkeypatch):
     import dataclasses
 
