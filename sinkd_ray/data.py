@@ -320,6 +320,12 @@ def load_split(task: Task | str, split: str, data_dir: str | os.PathLike | None 
     return read_hub_split(task, split)
 
 
+def first_examples(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    """The first ``limit`` examples (``--max-train-examples`` / ``--max-eval-examples``), or all for None: the
+    rows a run trains on, and the rows its cached teacher logits cover."""
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
 # ------------------------------------------------------------------------------------------------ tokenising
 def tokenize_split(
     dataset: datasets.Dataset, task: Task | str, tokenizer, max_length: int, prompt: bool = False

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sinkd_ray.data import GlobalBatchSampler, load_split, make_loader, tokenize_split
+from sinkd_ray.data import GlobalBatchSampler, first_examples, load_split, make_loader, tokenize_split
 from sinkd_ray.models import (
     LogitModel,
     detect_family,
@@ -162,8 +162,7 @@ class LogitsRequest:
             self.max_length,
             prompt=teacher.family != "encoder",
         )
-        if self.max_examples is not None:
-            tokenized = tokenized.select(range(min(self.max_examples, len(tokenized))))
+        tokenized = first_examples(tokenized, self.max_examples)  # the rows the run trains on
         return compute_logits(teacher, tokenized, batch_size=self.batch_size, bf16=self.bf16)
 
 
@@ -186,17 +185,19 @@ def cached_teacher_logits(
     path = Path(cache_dir) / key.filename()
     if path.exists():
         return path, False
-    whole = replace(request, max_examples=None)
-    whole_path = Path(cache_dir) / whole.key().filename()
     # A limit at least as large as the split is the whole split: one file for both (its length is known only
-    # from the data, so from a cached whole split, or from the computed logits falling short of the limit).
-    if request.max_examples is not None and whole_path.exists():
+    # from the data, so from a cached whole split, or from the computed logits falling short of the limit). The
+    # whole split's key is this key without the limit: `key()` hashes the teacher's weight files, once is enough.
+    limit = request.max_examples
+    whole_key = replace(key, examples=None)
+    whole_path = Path(cache_dir) / whole_key.filename()
+    if limit is not None and whole_path.exists():
         with safe_open(str(whole_path), "pt") as cached:
-            if cached.get_slice("logits").get_shape()[0] <= request.max_examples:
+            if cached.get_slice("logits").get_shape()[0] <= limit:
                 return whole_path, False
     logits = compute(request) if compute is not None else request.compute()
-    if request.max_examples is not None and logits.shape[0] < request.max_examples:
-        key, path = whole.key(), whole_path
+    if limit is not None and logits.shape[0] < limit:
+        key, path = whole_key, whole_path
     write_logits(path, logits, key)
     return path, True
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from sinkd_ray import checkpoints
 from sinkd_ray.config import RunSpec
-from sinkd_ray.data import GlobalBatchSampler, load_split, make_loader, tokenize_split
+from sinkd_ray.data import GlobalBatchSampler, first_examples, load_split, make_loader, tokenize_split
 from sinkd_ray.errors import SinkdError
 from sinkd_ray.hardware import describe_precision, resolve_bf16
 from sinkd_ray.models import LogitModel, load_student, load_student_skeleton, load_teacher
@@ -257,8 +257,7 @@ class DistillRecipe:
         ds = tokenize_split(
             load_split(self.task, split, tcfg.data_dir), self.task, tokenizer, tcfg.max_length, prompt=prompt
         )
-        limit = tcfg.max_train_examples if split == "train" else tcfg.max_eval_examples
-        return ds.select(range(min(limit, len(ds)))) if limit else ds
+        return first_examples(ds, tcfg.max_train_examples if split == "train" else tcfg.max_eval_examples)
 
     def _teacher(self) -> TeacherLogits | None:
         tcfg, dcfg = self.tcfg, self.dcfg
