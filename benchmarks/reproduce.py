@@ -29,6 +29,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -74,7 +75,23 @@ ROWS = {
     "sinkd_vocab": Row("CE + KD + SD, vocabulary logits", {"logit_space": "vocab"}),
     "ranking": Row("CE + KD + SD + ranking (γ)", {"gamma": None}),  # γ from --ranking-gamma
     "online": Row("CE + KD + SD, online teacher modules", {"online_teacher": True}),
+    # The weighting of the distribution term: fixed β at unit mass (0.8 = the paper's text), and β set per step so
+    # that the term's gradient is the share ρ of the total (objective.share_weight); TVD and JS by share at the
+    # better ρ of the two SinKD share rows (chosen on the held-out slice): "more push toward the teacher" against
+    # "optimal transport across the batch" at equal push.
+    "sinkd_unit_b01": Row("SinKD, unit mass, β 0.1", {"sinkhorn_scale_preset": "unit", "beta": 0.1}),
+    "sinkd_unit_b08": Row("SinKD, unit mass, β 0.8 (the paper's text)", {"sinkhorn_scale_preset": "unit", "beta": 0.8}),
+    "sinkd_unit_b2": Row("SinKD, unit mass, β 2", {"sinkhorn_scale_preset": "unit", "beta": 2.0}),
+    "share_01": Row("SinKD by share, ρ 0.1", {"sd_weighting": "share", "sd_share": 0.1}),
+    "share_03": Row("SinKD by share, ρ 0.3", {"sd_weighting": "share", "sd_share": 0.3}),
+    "tvd_share": Row(
+        "CE + KD + TVD by share, best ρ", {"distribution_term": "tvd", "sd_weighting": "share", "sd_share": None}
+    ),
+    "js_share": Row(
+        "CE + KD + JS by share, best ρ", {"distribution_term": "js", "sd_weighting": "share", "sd_share": None}
+    ),
 }
+SHARE_ROWS = {"share_01": 0.1, "share_03": 0.3}  # the candidates for the controls' "best ρ"
 TABLES = {
     "2": ("Table 2 — loss components", ["ce", "ce_kd", "sinkd", "kd_sd", "ce_sd"]),
     "3": ("Table 3 — batch-wise vs sample-wise Sinkhorn", ["sinkd", "sample"]),
@@ -93,6 +110,21 @@ TABLES = {
     "related": (
         "Related objectives — ranking term (RLKD) and online teacher modules (OKD)",
         ["ce_kd", "sinkd", "ranking", "online"],
+    ),
+    "weighting": (
+        "Does SinKD beat KD, and at which weight? — fixed β against the gradient share ρ",
+        [
+            "ce",
+            "ce_kd",
+            "sinkd",
+            "sinkd_unit_b01",
+            "sinkd_unit_b08",
+            "sinkd_unit_b2",
+            "share_01",
+            "share_03",
+            "tvd_share",
+            "js_share",
+        ],
     ),
 }
 # The released student scripts (github.com/2018cx/SinKD, script/student/*.sh): batch size, epochs, lr, α, τ_KL.
@@ -191,8 +223,18 @@ def row_spec(spec: RunSpec, row: str, values: dict, seed: int) -> RunSpec:
     return spec.with_values({**overrides, "seed": seed})
 
 
-def row_values(args) -> dict:
-    return {"gamma": args.ranking_gamma, "beta": args.unit_beta, "sinkhorn_lambda": args.unit_lambda}
+def row_values(args, best_rho: float | None = None) -> dict:
+    """What the rows' None overrides take; ``best_rho``: the share rows' best ρ, once known (`best_share`)."""
+    return {
+        "gamma": args.ranking_gamma,
+        "beta": args.unit_beta,
+        "sinkhorn_lambda": args.unit_lambda,
+        "sd_share": best_rho,
+    }
+
+
+def needs_best_rho(row: str) -> bool:
+    return ROWS[row].overrides.get("sd_share", 0.0) is None
 
 
 def run_key(spec: RunSpec) -> str:
@@ -219,12 +261,25 @@ def train_one(job: dict) -> dict:
         teacher_logits=logits,
         checkpoint=False,
     )
+    return {**job["record"], **summarise_history(history), "history": history, "wall_s": time.time() - t0}
+
+
+def summarise_history(history: list[dict]) -> dict:
+    """One run's figures. ``selected``: dev at the evaluation with the best held-out metric (the first of equals;
+    the honest figure: dev is read once, for an epoch chosen without it); without a held-out slice that is the best
+    dev evaluation (optimistic). ``final``: the last evaluation's dev; ``best``: the best dev of any evaluation.
+    ``shares``: each term's mean share of the gradient over the evaluations (`objective.gradient_shares`)."""
+    key = "holdout_metric" if "holdout_metric" in history[0] else "dev_metric"
+    chosen = max(range(len(history)), key=lambda i: (history[i][key], -i))
+    terms = sorted({k[len("grad_share_") :] for m in history for k in m if k.startswith("grad_share_")})
     return {
-        **job["record"],
-        "history": history,
-        "wall_s": time.time() - t0,
         "best": max(m["dev_metric"] for m in history),
         "final": history[-1]["dev_metric"],
+        "selected": history[chosen]["dev_metric"],
+        "selected_epoch": history[chosen]["epoch"],
+        "holdout": history[chosen].get("holdout_metric"),
+        "selected_on": "holdout" if key == "holdout_metric" else "dev",
+        "shares": {t: statistics.fmean(m.get(f"grad_share_{t}", 0.0) for m in history) for t in terms},
     }
 
 
@@ -256,6 +311,41 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def score(record: dict) -> float:
+    """The figure a run is reported by: dev at the held-out-chosen epoch (records of earlier versions: best dev)."""
+    return record.get("selected", record["best"])
+
+
+def paired_interval(differences: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of paired differences and its two-sided Student-t interval: mean ± t_{(1+c)/2, n−1} · s / √n.
+    One difference: (mean, nan, nan) — no spread to build an interval from."""
+    from scipy.stats import t
+
+    n, mean = len(differences), statistics.fmean(differences)
+    if n < 2:
+        return mean, math.nan, math.nan
+    half = t.ppf((1 + confidence) / 2, n - 1) * statistics.stdev(differences) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def paired(records: dict[str, list[dict]], row: str, reference: str) -> tuple[float, float, float, int] | None:
+    """``row`` − ``reference`` on the seeds both have (same seed = same data order and initialisation)."""
+    a = {r["seed"]: score(r) for r in records.get(row, [])}
+    b = {r["seed"]: score(r) for r in records.get(reference, [])}
+    seeds = sorted(set(a) & set(b))
+    if not seeds or row == reference:
+        return None
+    return (*paired_interval([a[s] - b[s] for s in seeds]), len(seeds))
+
+
+def _delta(result) -> str:
+    if result is None:
+        return ""
+    mean, low, high, n = result
+    interval = "" if math.isnan(low) else f" [{low:+.4f}, {high:+.4f}]"
+    return f"{mean:+.4f}{interval}"
+
+
 def summarise(
     records: dict[str, list[dict]], tables: list[str], metric: str, teacher_score: float | None, header: str
 ) -> tuple[str, list[dict]]:
@@ -265,20 +355,27 @@ def summarise(
         lines += [
             f"### {title}",
             "",
-            f"| Objective | dev {metric} (mean ± std) | gap closed | per seed | wall time / run |",
-            "|---|---|---|---|---|",
+            f"| Objective | dev {metric} (mean ± std) | last epoch | Δ vs KD [95 % CI] | Δ vs CE [95 % CI] "
+            "| gap closed | grad. share of the β term | per seed | wall time / run |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         if teacher_score is not None:
-            lines.append(f"| Teacher | {teacher_score:.4f} | | | |")
+            lines.append(f"| Teacher | {teacher_score:.4f} | | | | | | | |")
         for row in rows:
             runs = sorted(records.get(row, []), key=lambda r: r["seed"])
             if not runs:
                 continue
-            mean, std = mean_std([r["best"] for r in runs])
+            mean, std = mean_std([score(r) for r in runs])
+            last_mean, last_std = mean_std([r["final"] for r in runs])
             wall = statistics.fmean(r["wall_s"] for r in runs)
-            seeds = ", ".join(f"{r['best']:.3f}" for r in runs)
-            closed = gap_closed(mean, records, teacher_score)
-            lines.append(f"| {ROWS[row].label} | {mean:.4f} ± {std:.4f} | {closed} | {seeds} | {wall:.0f} s |")
+            share = [r["shares"]["sd"] for r in runs if r.get("shares", {}).get("sd") is not None]
+            share_text = f"{100 * statistics.fmean(share):.1f} %" if share else ""
+            vs_kd, vs_ce = paired(records, row, "ce_kd"), paired(records, row, "ce")
+            lines.append(
+                f"| {ROWS[row].label} | {mean:.4f} ± {std:.4f} | {last_mean:.4f} ± {last_std:.4f} | {_delta(vs_kd)} | "
+                f"{_delta(vs_ce)} | {gap_closed(mean, records, teacher_score)} | {share_text} | "
+                f"{', '.join(f'{score(r):.3f}' for r in runs)} | {wall:.0f} s |"
+            )
             rows_csv.append(
                 {
                     "table": table,
@@ -288,8 +385,11 @@ def summarise(
                     "mean": f"{mean:.4f}",
                     "std": f"{std:.4f}",
                     "seeds": len(runs),
-                    "per_seed": " ".join(f"{r['best']:.4f}" for r in runs),
+                    "per_seed": " ".join(f"{score(r):.4f}" for r in runs),
                     "final_per_seed": " ".join(f"{r['final']:.4f}" for r in runs),
+                    "delta_vs_kd": _delta(vs_kd),
+                    "delta_vs_ce": _delta(vs_ce),
+                    "grad_share_sd": f"{statistics.fmean(share):.4f}" if share else "",
                     "wall_s_per_run": f"{wall:.1f}",
                 }
             )
@@ -302,45 +402,71 @@ def gap_closed(mean: float, records: dict[str, list[dict]], teacher_score: float
     """Share of the teacher – CE-only-student gap a row closes: (row − CE) / (teacher − CE)."""
     if teacher_score is None or not records.get("ce"):
         return ""
-    ce_mean = mean_std([r["best"] for r in records["ce"]])[0]
+    ce_mean = mean_std([score(r) for r in records["ce"]])[0]
     gap = teacher_score - ce_mean
     return f"{100 * (mean - ce_mean) / gap:.0f} %" if gap > 0 else ""
 
 
+ORDERINGS = [
+    ("CE < CE+KD", "ce", "ce_kd"),
+    ("CE+KD < SinKD", "ce_kd", "sinkd"),
+    ("CE+KD < SinKD (unit mass)", "ce_kd", "sinkd_unit"),
+    ("CE+KD < SinKD (unit mass, β 0.1)", "ce_kd", "sinkd_unit_b01"),
+    ("CE+KD < SinKD (unit mass, β 0.8)", "ce_kd", "sinkd_unit_b08"),
+    ("CE+KD < SinKD (unit mass, β 2)", "ce_kd", "sinkd_unit_b2"),
+    ("CE+KD < SinKD by share ρ 0.1", "ce_kd", "share_01"),
+    ("CE+KD < SinKD by share ρ 0.3", "ce_kd", "share_03"),
+    ("TVD by share < SinKD by share (best ρ)", "tvd_share", "share_best"),
+    ("JS by share < SinKD by share (best ρ)", "js_share", "share_best"),
+    ("sample-wise < batch-wise", "sample", "sinkd"),
+    ("RKL < Sinkhorn", "rkl", "sinkd"),
+    ("JS < Sinkhorn", "js", "sinkd"),
+    ("TVD < Sinkhorn", "tvd", "sinkd"),
+    # generative students: Sinkhorn against KD in the same logit space (the label-word rows also move CE and KD)
+    ("CE+KD < SinKD, vocabulary logits", "ce_kd", "sinkd_vocab"),
+    ("CE+KD < SinKD, label-word logits", "ce_kd_label", "sinkd_label"),
+]
+
+
 def orderings(records: dict[str, list[dict]]) -> list[str]:
-    """The paper's orderings, each checked on the seeds both rows have (seed = data order and initialisation, the
-    same across rows, so a lucky seed lifts every row alike): the means over those seeds, and whether their gap
-    exceeds the larger of the two seed stds."""
-    by_seed = {row: {r["seed"]: r["best"] for r in runs} for row, runs in records.items() if runs}
-    checks = [
-        ("CE < CE+KD", "ce", "ce_kd"),
-        ("CE+KD < SinKD", "ce_kd", "sinkd"),
-        ("CE+KD < SinKD (unit mass)", "ce_kd", "sinkd_unit"),
-        ("sample-wise < batch-wise", "sample", "sinkd"),
-        ("RKL < Sinkhorn", "rkl", "sinkd"),
-        ("JS < Sinkhorn", "js", "sinkd"),
-        ("TVD < Sinkhorn", "tvd", "sinkd"),
-        # generative students: Sinkhorn against KD in the same logit space (the label-word rows also move CE and KD)
-        ("CE+KD < SinKD, vocabulary logits", "ce_kd", "sinkd_vocab"),
-        ("CE+KD < SinKD, label-word logits", "ce_kd_label", "sinkd_label"),
-    ]
-    out = ["### The paper's orderings on these runs (on the seeds both rows have)", ""]
-    for name, low, high in checks:
-        seeds = sorted(set(by_seed.get(low, {})) & set(by_seed.get(high, {})))
-        if not seeds:
+    """The paper's orderings, each checked by the paired difference high − low on the seeds both rows have (seed =
+    data order and initialisation, the same across rows, so a lucky seed lifts every row alike). "held" only when
+    the 95 % t interval of that difference excludes 0; "reversed" when it excludes 0 on the other side."""
+    records = dict(records)
+    best = best_share(records)
+    if best is not None:  # the SinKD share row the controls were run against
+        records["share_best"] = records[next(r for r, rho in SHARE_ROWS.items() if rho == best)]
+    out = ["### The paper's orderings on these runs (paired over the seeds both rows have, 95 % t interval)", ""]
+    for name, low, high in ORDERINGS:
+        result = paired(records, high, low)
+        if result is None:
             continue
-        (m_lo, s_lo), (m_hi, s_hi) = (mean_std([by_seed[row][s] for s in seeds]) for row in (low, high))
-        held = m_lo < m_hi
-        if len(seeds) > 1:
-            spread = max(s_lo, s_hi)
-            verdict = f"{'gap larger than' if abs(m_hi - m_lo) > spread else 'gap within'} the seed std {spread:.4f}"
+        mean, lo, hi, n = result
+        if math.isnan(lo):
+            verdict = f"one seed, no interval (Δ {mean:+.4f})"
+        elif lo > 0:
+            verdict = f"held (Δ {mean:+.4f}, 95 % CI [{lo:+.4f}, {hi:+.4f}], {n} seeds)"
+        elif hi < 0:
+            verdict = f"reversed (Δ {mean:+.4f}, 95 % CI [{lo:+.4f}, {hi:+.4f}], {n} seeds)"
         else:
-            verdict = "one seed: no spread to compare with"
-        out.append(
-            f"- {name}: {'held' if held else 'did not hold'} ({m_lo:.4f} vs {m_hi:.4f} over seed(s) "
-            f"{', '.join(map(str, seeds))}; {verdict})"
-        )
+            verdict = f"not shown: the interval includes 0 (Δ {mean:+.4f}, 95 % CI [{lo:+.4f}, {hi:+.4f}], {n} seeds)"
+        out.append(f"- {name}: {verdict}")
     return out + [""]
+
+
+def best_share(records: dict[str, list[dict]]) -> float | None:
+    """The better ρ of the SinKD share rows, on the held-out metric at each run's chosen epoch (dev is not looked
+    at), on the seeds every candidate has; ties go to the smaller ρ. None until every candidate has a run."""
+    by_row = {row: {r["seed"]: r for r in records.get(row, [])} for row in SHARE_ROWS}
+    seeds = set.intersection(*(set(runs) for runs in by_row.values()))
+    if not seeds:
+        return None
+
+    def held(record: dict) -> float:
+        return record["holdout"] if record.get("holdout") is not None else score(record)
+
+    means = {rho: statistics.fmean(held(by_row[row][s]) for s in seeds) for row, rho in SHARE_ROWS.items()}
+    return max(sorted(means), key=lambda rho: means[rho])
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -428,25 +554,24 @@ def main(argv: list[str] | None = None) -> int:
         return teacher_logits[run.train.logit_space]
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    jobs, specs = [], {}
-    for seed in range(args.seeds):  # seed-major, so a partial run already covers every row for seed 0
-        for row in rows:
-            run = row_spec(spec, row, row_values(args), seed)
-            key = run_key(run)
-            specs[key] = run
-            if key not in done and row in trained_rows:
-                jobs.append(
-                    {
-                        "spec": run.to_dict(),
-                        "teacher_logits": logits_for(run),
-                        "threads": threads,
-                        "record": {"row": row, "seed": seed, "key": key},
-                    }
-                )
-    print(
-        f"{len(rows)} rows x {args.seeds} seeds: {len(jobs)} to train, "
-        f"{sum(k in done for k in specs)} reused from {records_file}"
-    )
+    specs: dict[str, RunSpec] = {}
+
+    def plan(values: dict, deferred: bool) -> list[dict]:
+        """The runs still to train: rows that need the best ρ only once it is known (``deferred``)."""
+        jobs = []
+        for seed in range(args.seeds):  # seed-major, so a partial run already covers every row for seed 0
+            for row in rows:
+                if needs_best_rho(row) != deferred:
+                    continue
+                run = row_spec(spec, row, values, seed)
+                key = run_key(run)
+                specs[key] = run
+                if key not in done and row in trained_rows:
+                    record = {"row": row, "seed": seed, "key": key}
+                    jobs.append(
+                        {"spec": run.to_dict(), "teacher_logits": logits_for(run), "threads": threads, "record": record}
+                    )
+        return jobs
 
     def finished(record: dict) -> None:
         done[record["key"]] = record
@@ -454,25 +579,48 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps(record) + "\n")
         log_to_mlflow(client, experiment_id, record, specs[record["key"]])
         print(
-            f"  {record['row']:10s} seed {record['seed']}: best dev {metric} {record['best']:.4f} "
-            f"(final {record['final']:.4f}) in {record['wall_s']:.0f}s",
+            f"  {record['row']:14s} seed {record['seed']}: dev {metric} {record['selected']:.4f} at epoch "
+            f"{record['selected_epoch']:g} (chosen on {record['selected_on']}; last {record['final']:.4f}, best "
+            f"{record['best']:.4f}) in {record['wall_s']:.0f}s",
             flush=True,
         )
 
-    if args.jobs == 1:
-        for job in jobs:
-            finished(train_one(job))
-    else:
+    def train(jobs: list[dict]) -> None:
+        if args.jobs == 1:
+            for job in jobs:
+                finished(train_one(job))
+            return
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
             for future in as_completed([pool.submit(train_one, job) for job in jobs]):
                 finished(future.result())
 
-    records: dict[str, list[dict]] = {}
-    for seed in range(args.seeds):
-        for row in rows:
-            key = run_key(row_spec(spec, row, row_values(args), seed))
-            if key in done:  # a row left out with --rows and never trained is left out of the tables too
-                records.setdefault(row, []).append(done[key])
+    def collect(values: dict) -> dict[str, list[dict]]:
+        records: dict[str, list[dict]] = {}
+        for seed in range(args.seeds):
+            for row in rows:
+                if needs_best_rho(row) and values["sd_share"] is None:
+                    continue
+                key = run_key(row_spec(spec, row, values, seed))
+                if key in done:  # a row left out with --rows and never trained is left out of the tables too
+                    records.setdefault(row, []).append(done[key])
+        return records
+
+    jobs = plan(row_values(args), deferred=False)
+    print(
+        f"{len(rows)} rows x {args.seeds} seeds: {len(jobs)} to train"
+        f"{' first (then the rows at the best ρ)' if any(map(needs_best_rho, rows)) else ''}, "
+        f"{sum(k in done for k in specs)} reused from {records_file}"
+    )
+    train(jobs)
+    values = row_values(args, best_share(collect(row_values(args))))
+    if any(map(needs_best_rho, rows)):
+        if values["sd_share"] is None:
+            print("the rows at the best ρ wait for every share row to have a run (train them with --rows)")
+        else:
+            jobs = plan(values, deferred=True)
+            print(f"best ρ on the held-out slice: {values['sd_share']:g}; {len(jobs)} runs at it to train")
+            train(jobs)
+    records = collect(values)
     tcfg, dcfg = spec.train, spec.distill
     header = (
         f"## SinKD ablations — {task.name}, {args.seeds} seeds\n\n"
@@ -481,8 +629,15 @@ def main(argv: list[str] | None = None) -> int:
         f"lr {tcfg.lr:g}, b {dcfg.batch_size}, α {dcfg.alpha:g}, τ_KL {dcfg.tau_kl:g} (no τ²: "
         f"{not dcfg.kl_tau_squared}), β {dcfg.beta:g} (mass {dcfg.sinkhorn_mass}, × {dcfg.sinkhorn_scale:g}), "
         f"τ_SD {dcfg.tau_sd:g}, λ {dcfg.sinkhorn_lambda:g}, T {dcfg.sinkhorn_iters}, max length "
-        f"{tcfg.max_length}, logits {tcfg.logit_space}. Metric: best dev {metric} over the per-epoch "
-        f"evaluations. Wall time of this invocation: {time.time() - t_start:.0f} s."
+        f"{tcfg.max_length}, logits {tcfg.logit_space}. Metric: "
+        + (
+            f"dev {metric} at the epoch with the best held-out {metric} ({tcfg.holdout_fraction:g} of train, a "
+            "fixed stratified split, the same for every row; dev read once); 'last epoch': dev after the last epoch"
+            if tcfg.holdout_fraction
+            else f"best dev {metric} over the per-epoch evaluations (no held-out slice: optimistic)"
+        )
+        + f". Δ: paired over the seeds both rows have, mean and 95 % t interval. Wall time of this invocation: "
+        f"{time.time() - t_start:.0f} s."
     )
     markdown, rows_csv = summarise(records, tables, metric, teacher_score, header)
     md_path, csv_path = (

@@ -34,6 +34,7 @@ from sinkd_ray.models import FAMILIES, LOGIT_SPACE_SETTINGS, QUANTIZATIONS
 
 INF = math.inf
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto": bfloat16 when the run uses bf16
+SD_WEIGHTINGS = ("beta", "share")  # how the distribution term is weighted: a fixed β, or its gradient share ρ
 
 
 def _fmt_interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
@@ -249,6 +250,24 @@ class DistillConfig(ValidatedConfig):
             "outside the kept columns; each cost entry is then within 2ε of the exact one."
         },
     )
+    sd_weighting: str = field(
+        default="beta",
+        metadata={
+            "choices": SD_WEIGHTINGS,
+            "help": f"one of {list(SD_WEIGHTINGS)}: how the distribution term (Sinkhorn, or RKL/JS/TVD in its place) "
+            "is weighted. 'beta' = the fixed weight β (the paper); 'share' = β is set at every step so that the "
+            "term's gradient w.r.t. the student's logits is the fraction sd_share of all terms' gradients "
+            "(objective.share_weight), the same push whatever the divergence, mass, scale or batch size.",
+        },
+    )
+    sd_share: float = field(
+        default=0.3,
+        metadata={
+            "help": "ρ in (0, 1), with sd_weighting='share': the distribution term's share of the gradient, "
+            "‖∂(β·D)/∂z‖ / Σ_k ‖∂(w_k·L_k)/∂z‖ (z = student logits). The released weighting gives ρ ≈ 0.01–0.03 "
+            "on CoLA, the paper text's unit-mass β 0.8 about 0.3–0.6."
+        },
+    )
     gamma: float = field(
         default=0.0,
         metadata={
@@ -299,14 +318,14 @@ class DistillConfig(ValidatedConfig):
     )
 
     @property
+    def distribution_on(self) -> bool:
+        """Whether the β-weighted distribution term is part of the loss (β > 0, or weighted by its share)."""
+        return self.distribution_term != "none" and (self.beta > 0 or self.sd_weighting == "share")
+
+    @property
     def uses_teacher(self) -> bool:
         """Whether any term needs teacher logits (KL, the β term, the ranking term, online teacher modules)."""
-        return (
-            (self.use_kl and self.alpha > 0)
-            or (self.beta > 0 and self.distribution_term != "none")
-            or self.gamma > 0
-            or self.online_teacher
-        )
+        return (self.use_kl and self.alpha > 0) or self.distribution_on or self.gamma > 0 or self.online_teacher
 
     def __post_init__(self) -> None:
         _check_number("alpha", self.alpha, 0.0, 1.0)
@@ -329,6 +348,8 @@ class DistillConfig(ValidatedConfig):
         _check_number("sinkhorn_max_cost_elements", self.sinkhorn_max_cost_elements, 1, integer=True)
         _check_choice("sinkhorn_cost", self.sinkhorn_cost, SINKHORN_COSTS)
         _check_number("sinkhorn_max_tail_mass", self.sinkhorn_max_tail_mass, 0.0, 1.0, low_open=True, high_open=True)
+        _check_choice("sd_weighting", self.sd_weighting, SD_WEIGHTINGS)
+        _check_number("sd_share", self.sd_share, 0.0, 1.0, low_open=True, high_open=True)
         _check_number("gamma", self.gamma, 0.0)
         _check_number("ranking_k", self.ranking_k, 2, integer=True)
         _check_number("ranking_margin", self.ranking_margin, 0.0)
@@ -347,7 +368,7 @@ class DistillConfig(ValidatedConfig):
         active = {
             "CE": self.use_ce and self.alpha < 1,
             "KL": self.use_kl and self.alpha > 0,
-            "distribution term": self.beta > 0 and self.distribution_term != "none",
+            "distribution term": self.distribution_on,
             "ranking term": self.gamma > 0,
         }
         if not any(active.values()):
@@ -497,6 +518,22 @@ class TrainConfig(ValidatedConfig):
     max_eval_examples: int | None = field(
         default=None, metadata={"help": "use only the first N dev examples (quick runs)", "metavar": "N"}
     )
+    holdout_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "fraction in [0, 0.5) of the training examples held out (a fixed stratified split, seed 0, the "
+            "same for every run) and evaluated beside dev as holdout_metric: choose the epoch on it, then read "
+            "dev once for that epoch (0: train on everything)"
+        },
+    )
+    grad_share_batches: int = field(
+        default=1,
+        metadata={
+            "help": "batches per evaluation interval (the first ones) on which each loss term's share of the "
+            "gradient w.r.t. the student's logits is measured and reported (grad_share_ce, …_kl, …_sd, …_rank, "
+            "grad_cos_sd_kl); 0: off"
+        },
+    )
     checkpoints_to_keep: int = field(default=1, metadata={"help": "best checkpoints kept per run (by the dev metric)"})
     max_failures: int = field(
         default=2, metadata={"help": "worker crashes survived by restarting from the last checkpoint"}
@@ -523,6 +560,10 @@ class TrainConfig(ValidatedConfig):
         _check_number("cpus_per_worker", self.cpus_per_worker, 0.0, low_open=True)
         _check_number("gpus_per_worker", self.gpus_per_worker, 0.0)
         _check_number("checkpoints_to_keep", self.checkpoints_to_keep, 1, integer=True)
+        # numpy's and python's generators take seeds in [0, 2**32): -1 used to fail in every worker, retried
+        _check_number("seed", self.seed, 0, 2**32 - 1, integer=True)
+        _check_number("holdout_fraction", self.holdout_fraction, 0.0, 0.5, high_open=True)
+        _check_number("grad_share_batches", self.grad_share_batches, 0, integer=True)
         _check_number("max_failures", self.max_failures, 0, integer=True)
         for name in ("student_layers", "max_train_examples", "max_eval_examples", "fault_at_step"):
             if getattr(self, name) is not None:

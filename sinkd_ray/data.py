@@ -326,6 +326,28 @@ def first_examples(dataset: datasets.Dataset, limit: int | None) -> datasets.Dat
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
 
+HOLDOUT_SEED = 0  # the held-out slice is the same for every run (rows, seeds) of a comparison
+
+
+def holdout_split(dataset: datasets.Dataset, fraction: float) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(train, held-out): a fixed stratified split of ``fraction`` of the rows (seed ``HOLDOUT_SEED``, whatever the
+    run's seed), in row order; ``idx`` is kept, so cached teacher logits still line up. fraction 0: (all, None).
+    Without two examples of every class the split is not stratified."""
+    if not fraction:
+        return dataset, None
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(dataset["labels" if "labels" in dataset.column_names else "label"])
+    stratify = labels if np.unique(labels, return_counts=True)[1].min() >= 2 else None
+    try:
+        train, held = train_test_split(
+            np.arange(len(dataset)), test_size=fraction, random_state=HOLDOUT_SEED, stratify=stratify
+        )
+    except ValueError as err:  # too few rows for the fraction
+        raise SinkdError(f"holdout_fraction={fraction} of {len(dataset)} examples: {err} — use more data") from None
+    return dataset.select(np.sort(train)), dataset.select(np.sort(held))
+
+
 # ------------------------------------------------------------------------------------------------ tokenising
 def tokenize_split(
     dataset: datasets.Dataset, task: Task | str, tokenizer, max_length: int, prompt: bool = False

@@ -457,8 +457,10 @@ class PrintProgress(UserCallback):
 
 def print_progress(metrics: dict) -> None:
     comps = " ".join(f"{k[6:]}={v:.4f}" for k, v in metrics.items() if k.startswith("train_"))
+    shares = " ".join(f"{k[11:]}={v:.3f}" for k, v in metrics.items() if k.startswith("grad_share_"))
+    held = f" holdout_metric={metrics['holdout_metric']:.4f}" if "holdout_metric" in metrics else ""
     print(
-        f"epoch {metrics['epoch']:.2f} step {metrics['step']}: dev_metric={metrics['dev_metric']:.4f} "
-        f"{comps} examples/s={metrics['examples_per_s']:.1f}",
+        f"epoch {metrics['epoch']:.2f} step {metrics['step']}: dev_metric={metrics['dev_metric']:.4f}{held} "
+        f"{comps}{f' grad shares {shares}' if shares else ''} examples/s={metrics['examples_per_s']:.1f}",
         flush=True,
     )

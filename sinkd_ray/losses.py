@@ -33,6 +33,7 @@ On a vocabulary (d = 32k–50k) the batch-wise cost's O(b²·d) L1 distances dom
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -78,6 +79,11 @@ SUPPORT_MAX_TAIL_MASS = 0.01
 # the kept columns are at most SUPPORT_MAX_FRACTION of d (else exact: flat distributions on both sides need
 # nearly every column, and then the support cost is no faster). Decided by measurement, see `choose_batch_cost`.
 SUPPORT_MIN_COST_ELEMENTS = 2**26
+# The support cost's loss is exact to within the plan-weighted slack ⟨P, W⟩ (first order, `support_l1_cost`). When
+# that exceeds this share of the loss itself, the loss falls back to the exact cost: with the student's head
+# matched to the teacher's and the two tails (each below ε) on different columns, the coarse cost sees no
+# difference at all (loss 90 % too low, a row's gradient reversed), and only the slack tells.
+SUPPORT_MAX_SLACK_SHARE = 0.01
 SUPPORT_MAX_FRACTION = 0.25
 
 
@@ -601,6 +607,29 @@ def _check_loss_inputs(teacher_probs, student_probs, *, variant: str, p: float, 
         )
 
 
+_fallback_said = False
+
+
+def _support_slack_too_large(cost: torch.Tensor, slack: torch.Tensor, lam: float, n_iters: int, domain: str) -> bool:
+    """Whether ⟨P̃, W⟩ > ``SUPPORT_MAX_SLACK_SHARE`` · ⟨P̃, C̃⟩ for the support cost C̃, its slack W and its plan P̃
+    (both per unit mass): the loss could be off by more than that share. Said once per process in the log."""
+    global _fallback_said
+    plan = sinkhorn_plan(cost, lam, n_iters, domain=domain)
+    loss, excess = (plan * cost.detach()).sum(), (plan * slack).sum()
+    if not bool(excess > SUPPORT_MAX_SLACK_SHARE * loss):
+        return False
+    if not _fallback_said:
+        _fallback_said = True
+        logging.getLogger(__name__).warning(
+            "vocabulary Sinkhorn: the support cost's error bound %.3g is %.0f %% of its loss %.3g (tails on "
+            "different columns), so this batch uses the exact cost (said once)",
+            float(excess),
+            100 * float(excess) / max(float(loss), 1e-30),
+            float(loss),
+        )
+    return True
+
+
 def sinkhorn_loss(
     teacher_probs: torch.Tensor,
     student_probs: torch.Tensor,
@@ -637,11 +666,12 @@ def sinkhorn_loss(
     ``grad``: "unrolled" (default, gradient through the T iterations) or "envelope" (opt-in: plan held
     constant; a 23–48 % different gradient at λ = 0.1) — see ``sinkhorn_cost``.
     ``cost`` (batch-wise only): "exact" (all d columns), "support" (kept columns plus one tail bucket, p = 1;
-    each cost entry within 2·``max_tail_mass`` of the exact one, see `support_l1_cost`) or "auto" (exact for
-    small b·b·d, see `choose_batch_cost`). The other variants always compute their exact costs.
+    each cost entry within 2·``max_tail_mass`` of the exact one, see `support_l1_cost`; a batch whose plan-weighted
+    slack exceeds 1 % of the loss uses the exact cost instead) or "auto" (exact for small b·b·d, see
+    `choose_batch_cost`). The other variants always compute their exact costs.
     Raises SinkdError when the cost would exceed ``max_cost_elements`` instead of running out of memory.
     """
-    # 65 lines, most of them the docstring's equations for the four variants; the body is one dispatch
+    # 67 lines, most of them the docstring's equations for the four variants; the body is one dispatch
     _check_loss_inputs(teacher_probs, student_probs, variant=variant, p=p, cost=cost)
     teacher, student = _compute_dtype(teacher_probs), _compute_dtype(student_probs)
     b, d = student.shape
@@ -651,7 +681,9 @@ def sinkhorn_loss(
         if support is None:
             matrix = pairwise_distance(student, teacher, p)  # (b, b)
         else:
-            matrix, _ = support_l1_cost(student, teacher, support)
+            matrix, slack = support_l1_cost(student, teacher, support)
+            if _support_slack_too_large(matrix, slack, lam, n_iters, domain):
+                matrix = pairwise_distance(student, teacher, p)
         value = sinkhorn_cost(matrix, lam, n_iters, mass=mass, grad=grad, domain=domain)
     elif variant in ("sample", "sample_uniform"):
         _check_cost_size(b * d * d, max_cost_elements, f"sample-wise Sinkhorn at b={b}, d={d}")

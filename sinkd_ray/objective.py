@@ -19,6 +19,10 @@ from sinkd_ray.errors import SinkdError
 from sinkd_ray.losses import ce, js, kl, ranking_loss, rkl, sinkhorn_loss, tvd
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
+# ``reduce_sum``: an all-reduce (sum) over data-parallel workers of a small tensor, so that gradient norms (and the
+# share-weighted β built from them) are those of the global batch and identical on every worker.
+ReduceSum = Callable[[torch.Tensor], torch.Tensor]
+TERMS = ("ce", "kl", "sd", "rank")
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
@@ -39,13 +43,73 @@ def objective_weights(cfg: DistillConfig) -> dict[str, float]:
       w/o CE / w/o KL, weights kept   use_ce=False / use_kl=False (the other weights are not renormalised)
       Sinkhorn → RKL / JS / TVD       distribution_term="rkl" / "js" / "tvd" (at τ_SD, weight β, same mass/scale)
       batch / sample-wise / flat      sinkhorn_variant="batch" / "sample" / "flat"
+    Under ``sd_weighting="share"`` w_sd is not a setting: `sinkd_objective` sets it at every step (`share_weight`);
+    here it reads 1.0 (on) so that the term is computed.
     """
+    sd = (1.0 if cfg.sd_weighting == "share" else cfg.beta) if cfg.distribution_on else 0.0
     return {
         "ce": (1.0 - cfg.alpha) if cfg.use_ce else 0.0,
         "kl": cfg.alpha if cfg.use_kl else 0.0,
-        "sd": cfg.beta if cfg.distribution_term != "none" else 0.0,
+        "sd": sd,
         "rank": cfg.gamma,
     }
+
+
+def term_gradients(student_logits: torch.Tensor, weighted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """g_k = ∂(w_k·L_k)/∂z for each weighted term (z = ``student_logits``, b × d), detached, same shape as z.
+
+    Only through the loss functions, not the model: one small backward per term (the graph is kept for the
+    training step's own backward). With a gathered batch-wise term the backward is a collective: every worker
+    must call this with the same terms.
+    """
+    grads = {}
+    for name, term in weighted.items():
+        if term.requires_grad:
+            (grad,) = torch.autograd.grad(term, student_logits, retain_graph=True, allow_unused=True)
+            grads[name] = torch.zeros_like(student_logits) if grad is None else grad.detach()
+    return grads
+
+
+def _norms(
+    grads: dict[str, torch.Tensor], reduce_sum: ReduceSum | None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Frobenius norms ‖g_k‖ of the global batch's gradients, and the inner product ⟨g_sd, g_kl⟩ (0 without both)."""
+    names = list(grads)
+    both = "sd" in grads and "kl" in grads
+    zero = torch.zeros((), dtype=torch.float32, device=next(iter(grads.values())).device)
+    squares = [grads[k].float().pow(2).sum() for k in names] + [(grads["sd"] * grads["kl"]).sum() if both else zero]
+    values = torch.stack(squares)
+    if reduce_sum is not None:
+        values = reduce_sum(values)
+    return {k: values[i].clamp_min(0).sqrt() for i, k in enumerate(names)}, values[-1]
+
+
+def share_weight(rho: float, sd_norm: torch.Tensor, other_norms: torch.Tensor) -> torch.Tensor:
+    """β_t such that the distribution term's gradient is the share ρ of all terms' gradient norms:
+
+        ‖β_t·∂D/∂z‖ / (‖β_t·∂D/∂z‖ + Σ_{k≠sd} ‖∂(w_k·L_k)/∂z‖) = ρ   ⇔   β_t = ρ/(1 − ρ) · Σ_{k≠sd} ‖g_k‖ / ‖∂D/∂z‖.
+
+    Detached (ρ itself receives no gradient). How it relates to a fixed β: β_t is the β that would give share ρ on
+    this batch; `gradient_shares` with a fixed β reports the share that β gives. A term without gradient
+    (teacher = student) gets β_t = 0; a distribution term alone (no other term) gets β_t = 1.
+    """
+    sd_norm, other_norms = sd_norm.detach(), other_norms.detach()
+    if float(other_norms) == 0.0:
+        return torch.ones_like(sd_norm)
+    return torch.where(
+        sd_norm > 0, rho / (1.0 - rho) * other_norms / sd_norm.clamp_min(1e-30), torch.zeros_like(sd_norm)
+    )
+
+
+def gradient_shares(norms: dict[str, torch.Tensor], dot_sd_kl: torch.Tensor) -> dict[str, torch.Tensor]:
+    """share_k = ‖g_k‖ / Σ_j ‖g_j‖ for every term (they sum to 1), and cos(g_sd, g_kl) = ⟨g_sd, g_kl⟩ / (‖g_sd‖·‖g_kl‖)
+    (−1 … 1; 0 when either is missing). The shares of the released weighting are 0.6–2.5 % of CE + KL on CoLA."""
+    total = sum(norms.values())
+    out = {f"grad_share_{k}": (n / total if float(total) > 0 else torch.zeros_like(n)) for k, n in norms.items()}
+    if "sd" in norms and "kl" in norms:
+        denominator = norms["sd"] * norms["kl"]
+        out["grad_cos_sd_kl"] = dot_sd_kl / denominator if float(denominator) > 0 else torch.zeros_like(denominator)
+    return out
 
 
 def distribution_divergence(
@@ -94,6 +158,9 @@ def sinkd_objective(
     labels: torch.Tensor,
     cfg: DistillConfig,
     gather: Gather | None = None,
+    *,
+    shares: bool = False,
+    reduce_sum: ReduceSum | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SinKD loss  (1 − α)·CE(y, s) + α·KL_τKL(t ‖ s) + β·D(t, s) (+ γ·L_rank)  and its detached components.
 
@@ -110,6 +177,10 @@ def sinkd_objective(
     ``lambda x: torch.cat(torch.distributed.nn.functional.all_gather(x))`` does: every worker then holds
     W·∂L_SD/∂s_local, and the data-parallel gradient averaging divides by W — the same gradient as one
     worker with the global batch (checked with 2 gloo processes in tests/test_worker.py).
+
+    ``shares=True`` adds each term's share of the gradient w.r.t. ``student_logits`` (`gradient_shares`:
+    ``grad_share_<term>``, ``grad_cos_sd_kl``). ``cfg.sd_weighting="share"`` sets the distribution term's weight
+    per step to `share_weight` (reported as ``beta``). Both need ``student_logits`` in the autograd graph.
     """
     weights = objective_weights(cfg)
     if teacher_logits is None:
@@ -132,10 +203,32 @@ def sinkd_objective(
         terms["rank"] = ranking_loss(
             student_logits, teacher_logits, cfg.ranking_k, cfg.ranking_margin, cfg.ranking_kind
         )
+    extra = {}
+    if shares or cfg.sd_weighting == "share":
+        weights, extra = _weigh_by_gradients(student_logits, terms, weights, cfg, shares, reduce_sum)
     total = sum(weights[name] * terms[name] for name in terms)
     components = {name: value.detach() for name, value in terms.items()}
     components["total"] = total.detach()
-    return total, components
+    return total, {**components, **extra}
+
+
+def _weigh_by_gradients(student_logits, terms, weights, cfg: DistillConfig, shares: bool, reduce_sum):
+    """The term gradients: the share-weighted β (under ``sd_weighting="share"``) and the reported shares."""
+    if not student_logits.requires_grad:
+        raise SinkdError("gradient shares need the student's logits in the autograd graph (a training step)")
+    grads = term_gradients(student_logits, {k: weights[k] * terms[k] for k in terms if weights[k] != 0.0})
+    if not grads:
+        return weights, {}
+    norms, dot = _norms(grads, reduce_sum)
+    extra = {}
+    if cfg.sd_weighting == "share" and "sd" in norms:
+        beta = share_weight(cfg.sd_share, norms["sd"], sum(n for k, n in norms.items() if k != "sd"))
+        weights = {**weights, "sd": beta}
+        norms["sd"], dot = norms["sd"] * beta, dot * beta
+        extra["beta"] = beta
+    if shares:
+        extra.update({k: v.detach() for k, v in gradient_shares(norms, dot).items()})
+    return weights, extra
 
 
 def online_teacher_loss(

@@ -32,7 +32,14 @@ import torch.distributed as dist
 
 from sinkd_ray import checkpoints
 from sinkd_ray.config import RunSpec
-from sinkd_ray.data import GlobalBatchSampler, first_examples, load_split, make_loader, tokenize_split
+from sinkd_ray.data import (
+    GlobalBatchSampler,
+    first_examples,
+    holdout_split,
+    load_split,
+    make_loader,
+    tokenize_split,
+)
 from sinkd_ray.errors import SinkdError
 from sinkd_ray.hardware import describe_precision, resolve_bf16
 from sinkd_ray.models import LogitModel, load_student, load_student_skeleton, load_teacher
@@ -102,6 +109,15 @@ def seed_everything(seed: int) -> None:
 def model_inputs(batch: dict, device: torch.device) -> dict:
     """The tensors a LogitModel forward takes (token_type_ids only when the tokenizer made them)."""
     return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over data-parallel workers (the identity with one): gradient norms of the global batch."""
+    if not dist.is_initialized():
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
 
 
 def all_ranks_true(flag: bool, device: torch.device) -> bool:
@@ -207,6 +223,7 @@ class DistillRecipe:
                 f"the cached teacher logits cover {len(cached)} training examples, the run trains on "
                 f"{len(self.train_ds)} — compute them with the run's --max-train-examples (the driver does)"
             )
+        self.train_ds, self.holdout_ds = holdout_split(self.train_ds, tcfg.holdout_fraction)
         self.teacher = self._teacher()
         if ctx.world > 1:
             shard_student(self.student, ctx.world, ctx.device, self.bf16)
@@ -367,7 +384,15 @@ class DistillRecipe:
         else:
             t_logits = self.teacher("train", batch["idx"], device) if self.teacher else None
         gather = global_gather if self.ctx.world > 1 else None
-        loss, parts = sinkd_objective(s_logits, t_logits, targets, self.dcfg, gather=gather)
+        measure = self.share_batches_left > 0
+        loss, parts = sinkd_objective(
+            s_logits, t_logits, targets, self.dcfg, gather=gather, shares=measure, reduce_sum=_all_reduce_sum
+        )
+        if measure:  # one batch's shares (the first of the interval), kept apart from the per-batch means
+            self.share_batches_left -= 1
+            for key in [k for k in parts if k.startswith("grad_")]:
+                self.share_sums[key] = self.share_sums.get(key, 0.0) + float(parts.pop(key))
+            self.share_count += 1
         if self.online is not None:
             teacher_loss = self.online.loss(t_logits, s_logits, targets)
             loss = loss + teacher_loss  # disjoint parameters: one backward serves both optimizers
@@ -411,6 +436,7 @@ class DistillRecipe:
         eval_every = tcfg.eval_every_steps or self.steps_per_epoch
         sums: dict[str, float] = {}
         seen, train_time = 0, 0.0
+        self._reset_shares()
         self.student.train()
         while progress.epoch < tcfg.epochs:
             self.sampler.set_epoch(progress.epoch)
@@ -437,8 +463,12 @@ class DistillRecipe:
                 metrics = self._evaluate(sums, seen, train_time, epoch_done)
                 self._report(report, metrics, checkpoint)
                 sums, seen, train_time = {}, 0, 0.0
+                self._reset_shares()
                 if epoch_done:
                     break  # the sampler of the next epoch is a new permutation
+
+    def _reset_shares(self) -> None:
+        self.share_batches_left, self.share_sums, self.share_count = self.tcfg.grad_share_batches, {}, 0
 
     def _evaluate(self, sums: dict, seen: int, train_time: float, epoch_done: bool) -> dict:
         if not self._weights_finite():
@@ -447,23 +477,23 @@ class DistillRecipe:
                 f"{self.scheduler.get_last_lr()[0]:.3g}) — the run diverged: lower the learning rate"
             )
         ctx, progress = self.ctx, self.progress
-        dev = evaluate(
-            self.student,
-            self.task,
-            self.dev_ds,
-            per_worker=self.tcfg.eval_batch_size,
-            rank=ctx.rank,
-            world=ctx.world,
-            device=ctx.device,
-            bf16=self.bf16,
-        )
+
+        def metrics_on(split) -> dict[str, float]:
+            kwargs = dict(rank=ctx.rank, world=ctx.world, device=ctx.device, bf16=self.bf16)
+            return evaluate(self.student, self.task, split, per_worker=self.tcfg.eval_batch_size, **kwargs)
+
+        dev = metrics_on(self.dev_ds)
+        held = metrics_on(self.holdout_ds) if self.holdout_ds is not None else {}
         epoch = progress.epoch if epoch_done else progress.epoch + progress.batch_in_epoch / len(self.sampler)
         return {
             "epoch": epoch,
             "step": progress.step,
             "dev_metric": dev[self.task.metric],
             **{f"dev_{k}": v for k, v in dev.items()},
+            **({"holdout_metric": held[self.task.metric]} if held else {}),
+            **{f"holdout_{k}": v for k, v in held.items()},
             **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
+            **{k: v / self.share_count for k, v in self.share_sums.items()},
             "examples_per_s": seen * self.dcfg.batch_size / max(train_time, 1e-9),
             "lr": self.scheduler.get_last_lr()[0],
             "resumed_from_step": -1 if progress.resumed_from_step is None else progress.resumed_from_step,

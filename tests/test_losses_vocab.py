@@ -192,17 +192,72 @@ def test_bad_arguments_raise_one_line(kwargs, message):
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
-def test_config_validates_and_the_objective_passes_the_cost_through():
+def test_config_validates_and_the_objective_passes_the_cost_through(monkeypatch):
     assert (DistillConfig().sinkhorn_cost, DistillConfig().sinkhorn_max_tail_mass) == ("auto", SUPPORT_MAX_TAIL_MASS)
     with pytest.raises(SinkdError, match=r"^sinkhorn_cost='fast' is not one of \['auto', 'exact', 'support'\]$"):
         DistillConfig(sinkhorn_cost="fast")
     with pytest.raises(SinkdError, match=r"^sinkhorn_max_tail_mass=1 is outside \(0, 1\)$"):
         DistillConfig(sinkhorn_max_tail_mass=1)
-    t_logits, s_logits = logits("random", 16, 500, seed=10, dtype=torch.float32)
-    cfg = DistillConfig(sinkhorn_cost="support", sinkhorn_max_tail_mass=0.9)
-    expected = sinkhorn_loss(probs(t_logits), probs(s_logits), cost="support", max_tail_mass=0.9)
+    import sinkd_ray.losses as losses
+
+    t_logits, s_logits = logits("lm", 16, 500, seed=10, dtype=torch.float32)
+    cfg = DistillConfig(sinkhorn_cost="support", sinkhorn_max_tail_mass=0.02)
+    expected = sinkhorn_loss(probs(t_logits), probs(s_logits), cost="support", max_tail_mass=0.02)
+    seen, choose = [], losses.choose_batch_cost
+    monkeypatch.setattr(losses, "choose_batch_cost", lambda *a, **kw: seen.append(kw) or choose(*a, **kw))
     assert distribution_divergence(s_logits, t_logits, cfg).item() == pytest.approx(expected.item(), rel=1e-6)
-    exact = sinkhorn_loss(probs(t_logits), probs(s_logits), cost="exact")
-    assert abs(expected.item() - exact.item()) > 1e-3  # the settings made a difference: they were passed through
+    assert (seen[0]["cost"], seen[0]["max_tail_mass"]) == ("support", 0.02)  # the settings were passed through
     with pytest.raises(SinkdError, match="bounds only the L1 cost"):
         distribution_divergence(s_logits, t_logits, DistillConfig(sinkhorn_cost="support", sinkhorn_p=2.0))
+
+
+def _matched_heads_disjoint_tails(b=32, d=4000, eps=0.008):
+    """Row i of teacher and student: the same head (1 − ε on column i), and a tail of mass ε spread over disjoint
+    column sets (teacher's in one half, student's in the other): the exact L1 between matched rows is 2ε, the
+    coarse (tail-bucket) cost sees 0, and unmatched rows are ~2 apart (the plan sits on the diagonal)."""
+    teacher, student = torch.zeros(b, d, dtype=torch.float64), torch.zeros(b, d, dtype=torch.float64)
+    rows = torch.arange(b)
+    teacher[rows, rows], student[rows, rows] = 1 - eps, 1 - eps
+    half = (d - b) // 2
+    teacher[:, b : b + half] = eps / half
+    student[:, b + half : b + 2 * half] = eps / half
+    return teacher, student
+
+
+def test_support_cost_falls_back_to_exact_when_its_slack_is_large(caplog):
+    """Tails below ε on different columns: the support cost alone loses ~90 % of the loss; its slack says so, and
+    the loss then uses the exact cost (said once in the log)."""
+    import sinkd_ray.losses as losses
+
+    teacher, student = _matched_heads_disjoint_tails()
+    student.requires_grad_()
+    support = vocabulary_support(teacher, student.detach(), max_tail_mass=0.01)
+    coarse, slack = support_l1_cost(student.detach(), teacher, support)
+    alone = sinkhorn_cost(coarse, 0.1, 20)
+    exact = sinkhorn_loss(teacher, student, cost="exact")
+    assert alone < 0.1 * exact  # what the support cost would have returned: over 90 % of the loss gone
+    losses._fallback_said = False
+    with caplog.at_level("WARNING", logger="sinkd_ray.losses"):
+        fell_back = sinkhorn_loss(teacher, student, cost="support")
+        sinkhorn_loss(teacher, student, cost="support")
+    assert fell_back.item() == pytest.approx(exact.item(), rel=1e-12)
+    (g_exact,) = torch.autograd.grad(exact, student)
+    (g_back,) = torch.autograd.grad(sinkhorn_loss(teacher, student, cost="support"), student)
+    assert torch.allclose(g_back, g_exact)
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "uses the exact cost" in caplog.records[0].message
+
+
+def test_support_cost_keeps_the_fast_path_on_lm_like_rows():
+    """A flat teacher and a peaked student over one profile (SmolLM2-like): the slack stays under 1 % of the loss,
+    so the support cost is used (its value differs from the exact one, within the bound)."""
+    import sinkd_ray.losses as losses
+
+    t_logits, s_logits = logits("lm", 64, 8000, seed=7)
+    teacher, student = probs(t_logits), probs(s_logits)
+    support = vocabulary_support(teacher, student, max_tail_mass=SUPPORT_MAX_TAIL_MASS)
+    coarse, slack = support_l1_cost(student, teacher, support)
+    assert not losses._support_slack_too_large(coarse, slack, 0.1, 20, "auto")
+    value = sinkhorn_loss(teacher, student, cost="support")
+    assert value.item() == pytest.approx(sinkhorn_cost(coarse, 0.1, 20).item(), rel=1e-12)
+    assert value.item() != sinkhorn_loss(teacher, student, cost="exact").item()

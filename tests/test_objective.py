@@ -200,3 +200,84 @@ def test_online_teacher_loss_pulls_the_teacher_toward_the_student():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     loss.backward()
     assert student.grad is None and teacher.grad is not None  # the student is only the target
+
+
+# ------------------------------------------------------------------------------------- gradient shares
+def test_gradient_shares_match_the_hand_computed_ce_and_kl_gradients():
+    """CE + KL at τ 1 (no β term): ∂CE/∂z = (s − onehot y)/b and ∂KL(t‖s)/∂z = (s − t)/b, written out here in
+    numpy; the shares are their weighted norms over the sum, and the cosine of the SD and KL gradients is absent."""
+    import numpy as np
+
+    student, teacher, labels = batch(seed=3, b=8, d=3)
+    cfg = DistillConfig(alpha=0.7, beta=0.0, batch_size=8)
+    _, parts = sinkd_objective(student, teacher, labels, cfg, shares=True)
+    z, zt = student.detach().numpy().astype(np.float64), teacher.numpy().astype(np.float64)
+    s = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    t = np.exp(zt) / np.exp(zt).sum(1, keepdims=True)
+    onehot = np.eye(3)[labels.numpy()]
+    n_ce = np.linalg.norm(0.3 * (s - onehot) / 8)
+    n_kl = np.linalg.norm(0.7 * (s - t) / 8)
+    assert parts["grad_share_ce"].item() == pytest.approx(n_ce / (n_ce + n_kl), rel=1e-5)
+    assert parts["grad_share_kl"].item() == pytest.approx(n_kl / (n_ce + n_kl), rel=1e-5)
+    assert "grad_share_sd" not in parts and "grad_cos_sd_kl" not in parts
+
+
+def test_gradient_shares_of_the_sinkhorn_term_and_its_cosine_with_kl():
+    """With the β term on, its share is its weighted gradient's norm over the sum of every term's (autograd of
+    each term alone, the reference here), and the cosine is that of the two gradient matrices."""
+    student, teacher, labels = batch(seed=5, b=16, d=2)
+    cfg = DistillConfig(alpha=0.9, beta=0.8, batch_size=16)
+    _, parts = sinkd_objective(student, teacher, labels, cfg, shares=True)
+
+    def grad(value):
+        return torch.autograd.grad(value, student)[0]
+
+    g_ce = grad(0.1 * ce(student, labels))
+    g_kl = grad(0.9 * kl(student, teacher))
+    probs = [torch.softmax(x / 2.0, -1) for x in (teacher, student)]
+    g_sd = grad(0.8 * sinkhorn_loss(*probs, lam=0.1, n_iters=20))
+    norms = [g.norm() for g in (g_ce, g_kl, g_sd)]
+    assert parts["grad_share_sd"].item() == pytest.approx((norms[2] / sum(norms)).item(), rel=1e-5)
+    cosine = (g_sd * g_kl).sum() / (norms[1] * norms[2])
+    assert parts["grad_cos_sd_kl"].item() == pytest.approx(cosine.item(), rel=1e-5)
+    # the released weighting (× 0.001 × b) gives the term a small share, the unit-mass β 0.8 a large one
+    _, released = sinkd_objective(
+        student, teacher, labels, DistillConfig(batch_size=16, sinkhorn_scale_preset="released"), shares=True
+    )
+    assert released["grad_share_sd"] < 0.1 < parts["grad_share_sd"]
+
+
+@pytest.mark.parametrize("term", ["sinkhorn", "tvd", "js"])
+@pytest.mark.parametrize("rho", [0.1, 0.3, 0.6])
+def test_share_weighting_gives_the_term_the_asked_share_of_the_gradient(term, rho):
+    """sd_weighting='share': β is set so the term's gradient is the share ρ of the total — checked on the
+    gradient of the returned loss itself, term by term, whatever the divergence."""
+    student, teacher, labels = batch(seed=11, b=16, d=3)
+    cfg = DistillConfig(batch_size=16, distribution_term=term, sd_weighting="share", sd_share=rho)
+    total, parts = sinkd_objective(student, teacher, labels, cfg, shares=True)
+    beta = parts["beta"]
+    assert not beta.requires_grad and beta > 0
+    g_total = torch.autograd.grad(total, student, retain_graph=True)[0]
+    g_rest = torch.autograd.grad(0.1 * ce(student, labels) + 0.9 * kl(student, teacher), student)[0]
+    g_term = g_total - g_rest  # what the β term contributes to the loss's gradient
+    share = g_term.norm() / (
+        g_term.norm()
+        + torch.autograd.grad(0.1 * ce(student, labels), student)[0].norm()
+        + torch.autograd.grad(0.9 * kl(student, teacher), student)[0].norm()
+    )
+    assert share.item() == pytest.approx(rho, rel=0.01)
+    assert parts["grad_share_sd"].item() == pytest.approx(rho, rel=1e-4)
+    # the same ρ means the same push at every mass and scale: the released preset gets a larger β, same share
+    released = DistillConfig(
+        batch_size=16, distribution_term=term, sd_weighting="share", sd_share=rho, sinkhorn_scale_preset="released"
+    )
+    _, other = sinkd_objective(student, teacher, labels, released, shares=True)
+    assert other["grad_share_sd"].item() == pytest.approx(rho, rel=1e-4)
+    assert other["beta"].item() == pytest.approx(beta.item() / (0.001 * 16), rel=1e-3)
+
+
+def test_share_weighting_needs_a_training_step():
+    student, teacher, labels = batch()
+    cfg = DistillConfig(batch_size=16, sd_weighting="share")
+    with pytest.raises(SinkdError, match="autograd graph"):
+        sinkd_objective(student.detach(), teacher, labels, cfg)

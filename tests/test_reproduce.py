@@ -2,6 +2,7 @@
 
 import csv
 import importlib.util
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -91,7 +92,7 @@ def test_reproduce_row_settings_match_the_paper_ablations(reproduce):
     from sinkd_ray.objective import objective_weights
 
     base = RunSpec(TrainConfig(), DistillConfig(alpha=0.9, beta=0.8, sinkhorn_scale_preset="released"))
-    values = {"gamma": 0.5, "beta": 0.05, "sinkhorn_lambda": 0.2}
+    values = {"gamma": 0.5, "beta": 0.05, "sinkhorn_lambda": 0.2, "sd_share": 0.3}
     rows = {row: reproduce.row_spec(base, row, values, seed=1).distill for row in reproduce.ROWS}
     weights = {row: objective_weights(cfg) for row, cfg in rows.items()}
     assert weights["ce"] == {"ce": pytest.approx(1.0), "kl": 0.0, "sd": 0.0, "rank": 0.0}
@@ -108,6 +109,14 @@ def test_reproduce_row_settings_match_the_paper_ablations(reproduce):
     assert (label_kd.train.logit_space, label_sd.train.logit_space) == ("label", "label")
     assert weights["ce_kd_label"]["sd"] == 0.0 and weights["sinkd_label"]["sd"] == 0.8
     assert reproduce.row_spec(base, "sinkd_vocab", values, seed=1).train.logit_space == "vocab"
+    # the weighting table: unit-mass β as given, the share rows at their ρ, the controls at the best ρ
+    for row, beta in (("sinkd_unit_b01", 0.1), ("sinkd_unit_b08", 0.8), ("sinkd_unit_b2", 2.0)):
+        assert (rows[row].sinkhorn_mass, rows[row].sinkhorn_scale, rows[row].beta) == ("unit", 1.0, beta)
+    assert (rows["share_01"].sd_weighting, rows["share_01"].sd_share, rows["share_03"].sd_share) == ("share", 0.1, 0.3)
+    for row, term in (("tvd_share", "tvd"), ("js_share", "js")):
+        assert (rows[row].distribution_term, rows[row].sd_weighting, rows[row].sd_share) == (term, "share", 0.3)
+        assert reproduce.needs_best_rho(row)
+    assert not reproduce.needs_best_rho("share_01")
 
 
 def test_untyped_fields_take_the_papers_settings_and_typed_flags_win(reproduce):
@@ -146,19 +155,68 @@ def test_reproduce_exits_with_one_line_when_inputs_are_missing(
     assert not (tmp_path / "out" / "runs.jsonl").exists()
 
 
-def test_orderings_compare_rows_on_the_seeds_both_have(reproduce):
-    """Seed 0 lifted every row here (~0.37); a row run on seed 0 only must be compared with SinKD's seed 0, not
-    with SinKD's 3-seed mean (0.342), or sample-wise looks better than batch-wise when it tied."""
+def test_paired_interval_is_the_student_t_interval_computed_by_hand(reproduce):
+    """Three paired differences: mean 0.004667, s = 0.010263 (by hand), t_{0.975, 2} = 4.302653 (the t table), so
+    the 95 % interval is 0.004667 ± 4.302653 · 0.010263 / √3 = [−0.020828, +0.030161]."""
+    mean, low, high = reproduce.paired_interval([0.002, 0.016, -0.004])
+    assert mean == pytest.approx(0.0046667, abs=1e-7)
+    assert (low, high) == (pytest.approx(-0.020828, abs=2e-6), pytest.approx(0.030161, abs=2e-6))
+    one = reproduce.paired_interval([0.01])
+    assert one[0] == 0.01 and all(map(math.isnan, one[1:]))
+
+
+def test_orderings_hold_only_when_the_paired_interval_excludes_zero(reproduce):
+    """Seed 0 lifted every row here (~0.37); rows are compared seed by seed, on the seeds both have, and an ordering
+    holds only when the paired difference's 95 % interval excludes 0."""
 
     def runs(*values):
         return [{"seed": seed, "best": v} for seed, v in enumerate(values)]
 
-    records = {"ce_kd": runs(0.369, 0.331, 0.311), "sinkd": runs(0.371, 0.348, 0.307), "sample": runs(0.3706)}
-    lines = reproduce.orderings(records)
-    sample = next(line for line in lines if line.startswith("- sample-wise < batch-wise"))
-    assert "held (0.3706 vs 0.3710 over seed(s) 0; one seed" in sample
-    kd = next(line for line in lines if line.startswith("- CE+KD < SinKD:"))
-    assert "held (0.3370 vs 0.3420 over seed(s) 0, 1, 2; gap within the seed std 0.0324)" in kd
+    records = {
+        "ce": runs(0.332, 0.318, 0.291),
+        "ce_kd": runs(0.369, 0.331, 0.311),
+        "sinkd": runs(0.371, 0.347, 0.307),
+        "sample": runs(0.3706),
+        "tvd": runs(0.350, 0.320, 0.280),
+        "rkl": runs(0.390, 0.367, 0.328),
+    }
+    lines = {line.split(":")[0][2:]: line for line in reproduce.orderings(records) if line.startswith("- ")}
+    assert "one seed, no interval (Δ +0.0004)" in lines["sample-wise < batch-wise"]
+    assert (
+        "not shown: the interval includes 0 (Δ +0.0047, 95 % CI [-0.0208, +0.0302], 3 seeds)" in lines["CE+KD < SinKD"]
+    )
+    # +0.037, +0.013, +0.020 on every seed, yet three seeds leave an interval that includes 0
+    assert lines["CE < CE+KD"].startswith("- CE < CE+KD: not shown: the interval includes 0 (Δ +0.0233")
+    assert lines["TVD < Sinkhorn"].startswith("- TVD < Sinkhorn: held (Δ +0.0250")  # +0.021, +0.027, +0.027
+    assert lines["RKL < Sinkhorn"].startswith("- RKL < Sinkhorn: reversed (Δ -0.0200")  # −0.019, −0.020, −0.021
+    # a held-out selection, when recorded, is what a row is reported by (not the best dev epoch)
+    chosen = [{"seed": 0, "best": 0.4, "selected": 0.3}, {"seed": 1, "best": 0.5, "selected": 0.2}]
+    assert reproduce.paired({"a": chosen, "b": runs(0.1, 0.1)}, "a", "b")[0] == pytest.approx(0.15)
+
+
+def test_the_best_rho_is_chosen_on_the_held_out_metric_not_on_dev(reproduce):
+    def runs(holdout, dev):
+        return [{"seed": s, "best": d, "selected": d, "holdout": h} for s, (h, d) in enumerate(zip(holdout, dev))]
+
+    records = {"share_01": runs([0.30, 0.32], [0.40, 0.41]), "share_03": runs([0.33, 0.34], [0.20, 0.21])}
+    assert reproduce.best_share(records) == 0.3  # better held out, worse on dev
+    assert reproduce.best_share({"share_01": records["share_01"]}) is None  # not every candidate has run yet
+    tie = {"share_01": runs([0.3], [0.1]), "share_03": runs([0.3], [0.2])}
+    assert reproduce.best_share(tie) == 0.1
+
+
+def test_a_runs_figures_come_from_the_epoch_chosen_on_the_held_out_slice(reproduce):
+    history = [
+        {"epoch": 1, "dev_metric": 0.30, "holdout_metric": 0.25, "grad_share_sd": 0.2, "grad_share_ce": 0.8},
+        {"epoch": 2, "dev_metric": 0.40, "holdout_metric": 0.28, "grad_share_sd": 0.4, "grad_share_ce": 0.6},
+        {"epoch": 3, "dev_metric": 0.45, "holdout_metric": 0.28, "grad_share_sd": 0.3, "grad_share_ce": 0.7},
+    ]
+    figures = reproduce.summarise_history(history)
+    assert (figures["selected"], figures["selected_epoch"], figures["holdout"]) == (0.40, 2, 0.28)  # first of equals
+    assert (figures["best"], figures["final"], figures["selected_on"]) == (0.45, 0.45, "holdout")
+    assert figures["shares"] == {"ce": pytest.approx(0.7), "sd": pytest.approx(0.3)}
+    no_holdout = reproduce.summarise_history([{k: v for k, v in h.items() if k != "holdout_metric"} for h in history])
+    assert (no_holdout["selected"], no_holdout["selected_on"]) == (0.45, "dev")
 
 
 def test_teacher_base_is_fine_tuned_first_even_when_a_generative_model_could_teach_as_is(
