@@ -4,7 +4,7 @@ becomes the exported student.
     checkpoint_<n>/
       shards/rank<r>.safetensors    rank r's shards of the student's weights and AdamW moments: with FSDP2 no
                                     host ever gathers the whole model (one file when there is one worker)
-      rng/rank<r>.json              rank r's python / numpy / torch CPU and CUDA generator states
+      rng/rank<r>.json              rank r's python / numpy / torch CPU and (its device's) CUDA generator states
       trainer.json                  progress, scheduler and optimizer hyper-parameters (rank 0)
       online_teacher.safetensors    the online teacher's LoRA modules and their AdamW state (when used)
       student/                      config, tokenizer and sinkd metadata; no weights (`export_student` adds them)
@@ -40,7 +40,8 @@ LEGACY_STATE_FILE = "train_state.pt"  # earlier versions: one pickle of optimize
 
 # ------------------------------------------------------------------------------------------------ RNG states
 def rng_state() -> dict[str, Any]:
-    """Every generator a training step draws from, as JSON-able values (CUDA: every visible device)."""
+    """Every generator a training step draws from, as JSON-able values. CUDA: the current device's generator only
+    (the one this worker trains on): a run retried where fewer GPUs are visible restores it by no other index."""
     version, words, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -49,7 +50,7 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state().tolist(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
@@ -59,8 +60,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        if isinstance(cuda[0], list):  # earlier versions saved every visible device's: this worker's is at its index
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(torch.tensor(cuda, dtype=torch.uint8))  # the current device
 
 
 # ------------------------------------------------------------------------------------------- sharded state

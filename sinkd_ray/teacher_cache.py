@@ -1,9 +1,10 @@
 """Teacher logits computed once and reused by every run and trial that asks for the same ones.
 
 The teacher is frozen, so its logits on a split depend only on (teacher weights, task, split, max length,
-prompt template, logit space, quantization, precision). That tuple is the cache key; its digest names a
-safetensors file under the cache directory. A matching file is loaded, never recomputed; any change in the
-key gives a new file. Writes are atomic (temp file + rename) so concurrent trials never read half a file.
+prompt template, logit space, quantization, precision, the dtype its weights are loaded in). That tuple is the
+cache key; its digest names a safetensors file under the cache directory. A matching file is loaded, never
+recomputed; any change in the key gives a new file. Writes are atomic (temp file + rename) so concurrent trials
+never read half a file.
 """
 
 from __future__ import annotations
@@ -46,11 +47,19 @@ class TeacherLogitsKey:
     quantization: str
     precision: str  # "fp32" or "bf16": the autocast dtype of the teacher forward
     examples: int | None = None  # the split's first N examples only (--max-train-examples); None: all of it
+    # the dtype the teacher's weights were loaded in, when not the precision's own (float32 for fp32, bfloat16 for
+    # bf16: what --teacher-dtype auto gives); a float32 teacher under bf16 autocast gives other logits than a
+    # bfloat16 one
+    dtype: str | None = None
 
     def digest(self) -> str:
         fields = asdict(self)
-        if fields["examples"] is None:  # left out: whole-split caches keep the digests they were written under
-            del fields["examples"]
+        for name in (
+            "examples",
+            "dtype",
+        ):  # left out when unset: earlier caches keep the digests they were written under
+            if fields[name] is None:
+                del fields[name]
         payload = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:20]
 
@@ -69,7 +78,10 @@ def teacher_logits_key(
     bf16: bool,
     prompt: bool,
     examples: int | None = None,
+    dtype: str | None = None,
 ) -> TeacherLogitsKey:
+    """``dtype``: the teacher's weights' dtype (None or the precision's own: not part of the digest)."""
+    own = "bfloat16" if bf16 else "float32"
     return TeacherLogitsKey(
         teacher_fingerprint=model_fingerprint(teacher),
         task=task.name,
@@ -80,6 +92,7 @@ def teacher_logits_key(
         quantization=quantization or "none",
         precision="bf16" if bf16 else "fp32",
         examples=examples,
+        dtype=None if dtype in (None, own) else dtype,
     )
 
 
@@ -140,6 +153,7 @@ class LogitsRequest:
             bf16=self.bf16,
             prompt=family != "encoder",
             examples=self.max_examples,
+            dtype=self.dtype,
         )
 
     def compute(self, device: torch.device | str = "cpu") -> torch.Tensor:

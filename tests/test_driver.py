@@ -117,12 +117,23 @@ def test_teacher_cache_is_reused_and_invalidated(tmp_path, tiny_teacher_dir, col
         ("split", "dev"),
         ("task", "sst2"),
         ("max_examples", 48),
+        ("dtype", "bfloat16"),
+        ("dtype", "float16"),
     ],
 )
 def test_every_input_of_the_logits_is_in_the_cache_key(tiny_gptneo_dir, field, value):
     """Changing anything the logits depend on changes the key (template too: see the prompt case below)."""
     base = LogitsRequest(str(tiny_gptneo_dir), "cola", "train", None, max_length=32)
     assert base.key().digest() != LogitsRequest(**{**base.__dict__, field: value}).key().digest()
+
+
+def test_a_float32_teacher_under_bf16_has_its_own_cache_file(tiny_gptneo_dir):
+    """--teacher-dtype float32 and bfloat16 under bf16 autocast give different logits: different files (they
+    shared one). The precision's own dtype (what --teacher-dtype auto picks) keeps the digest it always had."""
+    bf16 = LogitsRequest(str(tiny_gptneo_dir), "cola", "train", None, max_length=32, bf16=True, dtype="bfloat16")
+    fp32_weights = dataclasses.replace(bf16, dtype="float32")
+    assert bf16.key().digest() != fp32_weights.key().digest()
+    assert bf16.key().dtype is None and fp32_weights.key().dtype == "float32"
 
 
 def test_a_limited_cache_holds_the_first_n_rows_of_the_whole_split_and_whole_split_keys_keep_their_digest(
@@ -413,15 +424,49 @@ def test_a_live_teacher_is_loaded_in_bf16_under_bf16(tiny_bert_dir, tiny_teacher
         assert next(recipe.teacher.teacher.hf_model.parameters()).dtype == dtype
 
 
-def test_the_cuda_generators_travel_in_the_checkpoint(monkeypatch):
+class FakeCuda:
+    """torch.cuda's generator functions for ``count`` visible devices (this host has none): one state per device,
+    and torch's own IndexError when more states than devices are set."""
+
+    def __init__(self, count: int, current: int = 0):
+        self.states = [torch.full((16,), 10 * i + 1, dtype=torch.uint8) for i in range(count)]
+        self.current = current
+
+    def install(self, monkeypatch):
+        for name, fn in {
+            "is_available": lambda: True,
+            "is_initialized": lambda: True,
+            "device_count": lambda: len(self.states),
+            "current_device": lambda: self.current,
+            "get_rng_state": lambda device="cuda": self.states[self.current].clone(),
+            "get_rng_state_all": lambda: [s.clone() for s in self.states],
+            "set_rng_state": lambda state, device="cuda": self.states.__setitem__(self.current, state.clone()),
+            "set_rng_state_all": self.set_all,
+        }.items():
+            monkeypatch.setattr(torch.cuda, name, fn)
+
+    def set_all(self, states):
+        for i, state in enumerate(states):
+            if i >= len(self.states):
+                raise IndexError(f"CUDA device {i} does not exist ({len(self.states)} visible)")
+            self.states[i] = state.clone()
+
+
+def test_the_cuda_generator_travels_in_the_checkpoint_to_a_node_with_fewer_gpus(monkeypatch):
+    """A worker training on its node's GPU 1 of 2 saves that device's generator; its run is retried where one GPU
+    is visible: the generator comes back on the current device (it used to die with IndexError)."""
     from sinkd_ray import checkpoints
 
-    states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
-    restored = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: restored.extend(s))
+    saver = FakeCuda(count=2, current=1)
+    saver.install(monkeypatch)
     state = json.loads(json.dumps(checkpoints.rng_state()))  # through JSON, as in a checkpoint
+    trained_on = saver.states[1].tolist()
+    restorer = FakeCuda(count=1)
+    restorer.install(monkeypatch)
     checkpoints.set_rng_state(state)
-    assert [t.tolist() for t in restored] == [t.tolist() for t in states]
+    assert restorer.states[0].tolist() == trained_on
+    # a checkpoint of an earlier version (every visible device's state) restores this device's entry
+    legacy = {**state, "cuda": [s.tolist() for s in saver.states]}
+    FakeCuda(count=1).install(monkeypatch)
+    checkpoints.set_rng_state(legacy)
+    assert torch.cuda.get_rng_state().tolist() == saver.states[0].tolist()
