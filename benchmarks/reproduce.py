@@ -503,7 +503,7 @@ def prepare(args, typed: set[str]):
         cpus_per_worker=float(os.cpu_count() or 1),
     )
     prepared = prepare_run(spec, layout, runtime, teacher_base=base, teacher_train=teacher_train)
-    return prepared, teacher_dev_score(prepared.spec, layout)
+    return prepared, teacher_dev_score(prepared)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -523,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     print(describe_precision(args.bf16, torch.device("cpu")))
     prepared, teacher_score = prepare(args, explicit_dests(parser, argv))
-    spec, layout, metric = prepared.spec, prepared.layout, task.metric
+    # students train here, in plain processes: this machine's own paths
+    spec, layout, metric = prepared.local_spec, prepared.layout, task.metric
     print(f"teacher {spec.train.teacher}: dev {metric} {teacher_score:.4f}")
 
     tracking_uri = args.tracking_uri or layout.default_tracking_uri()

@@ -99,18 +99,49 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
     return {a.dest for a in parser._actions if typed & set(a.option_strings)}
 
 
+# After its last line a command must end: the shutdown handlers (Ray's, MLflow's) once kept a finished
+# `train --stage teacher` alive for minutes under load. They get this long, then the process exits anyway.
+EXIT_TIMEOUT_ENV = "SINKD_EXIT_TIMEOUT_S"
+
+
+def _exit(code: int, process: bool) -> None:
+    """``sys.exit(code)``; when it ends the ``process`` (a command line, not a call from tests), with a daemon
+    watchdog that ends it anyway if the interpreter's shutdown (joining threads, atexit handlers: daemon threads
+    still run meanwhile) outlasts ``$SINKD_EXIT_TIMEOUT_S`` (default 60 s)."""
+    import os
+    import threading
+    import time
+
+    if not process:
+        sys.exit(code)
+    limit = float(os.environ.get(EXIT_TIMEOUT_ENV, "60"))
+
+    def force() -> None:
+        time.sleep(limit)
+        print(f"(shutting down took over {limit:.0f} s: exiting without waiting further)", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(code)
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    threading.Thread(target=force, name="sinkd-exit-watchdog", daemon=True).start()
+    sys.exit(code)
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run ``main`` and turn a :class:`SinkdError` into ``error: <message>`` and exit code 2."""
+    """Run ``main`` and turn a :class:`SinkdError` into ``error: <message>`` and exit code 2. Without ``argv``
+    (the process's own command line) the process then ends, within ``$SINKD_EXIT_TIMEOUT_S`` (`_exit`)."""
+    process = argv is None
     try:
         code = main(argv)
     except SinkdError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2, process)
     except KeyboardInterrupt:
         print(
             "interrupted: what finished is kept (teachers, logit caches, checkpoints); rerun the same command to "
             "continue (a study that had started: add --resume)",
             file=sys.stderr,
         )
-        sys.exit(130)
-    sys.exit(code or 0)
+        _exit(130, process)
+    _exit(code or 0, process)

@@ -59,6 +59,12 @@ def _check_number(
     """Raise SinkdError unless ``value`` is a number (an integer if asked) inside the interval."""
     interval = _fmt_interval(low, high, low_open, high_open)
     kind = "an integer" if integer else "a number"
+    if isinstance(value, str) and _is_float_text(value):
+        mantissa, exponent = f"{float(value):.1e}".split("e")
+        raise SinkdError(
+            f"{name}={value!r} is text, not a number: YAML reads a float without a dot as a string — write "
+            f"{mantissa}e{int(exponent)}"
+        )
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise SinkdError(f"{name}={value!r} must be {kind} in {interval}")
     if integer and not (math.isfinite(value) and value == int(value)):
@@ -66,6 +72,13 @@ def _check_number(
     inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not inside:  # also catches NaN
         raise SinkdError(f"{name}={value!r} is outside {interval}")
+
+
+def _is_float_text(text: str) -> bool:
+    """A float in exponent notation without a dot (5e-5): YAML 1.1, which PyYAML reads, takes it for a string."""
+    import re
+
+    return bool(re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", text.strip()))
 
 
 def _check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
@@ -646,8 +659,11 @@ class RuntimeConfig(ValidatedConfig):
     resources_wait: float | None = field(
         default=None,
         metadata={
-            "help": "seconds to wait for an autoscaling cluster to provide the workers' resources before refusing "
-            "(default: 0 on the local runtime this command starts, 600 on a cluster it attaches to)",
+            "help": "seconds a run waits for the cluster to provide its workers' resources: before anything starts, "
+            "and again at every start or restart of its worker group (a node that joins late or is autoscaled, a "
+            "node lost mid-run). Default: on a cluster it attaches to, 1800 (a cold GPU node pulls an image and "
+            "installs CUDA wheels); on the local runtime this command starts, 0 up front (what cannot fit is "
+            "refused at once) and a day afterwards (only other trials hold the resources)",
             "metavar": "S",
         },
     )

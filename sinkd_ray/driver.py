@@ -23,7 +23,7 @@ from sinkd_ray import checkpoints
 from sinkd_ray.config import DistillConfig, RunSpec, RuntimeConfig, TrainConfig, parse_resources
 from sinkd_ray.data import load_split, local_split_path
 from sinkd_ray.errors import SinkdError
-from sinkd_ray.models import has_task_head, layer_count, load_config, model_fingerprint
+from sinkd_ray.models import check_weights, has_task_head, layer_count, load_config, model_fingerprint
 from sinkd_ray.storage import StorageLayout, ship
 from sinkd_ray.tasks import Task, get_task
 from sinkd_ray.teacher_cache import CachedTeacherLogits, LogitsRequest, cached_teacher_logits
@@ -32,12 +32,20 @@ from sinkd_ray.worker import FAILURE_FILE, ray_worker
 
 @dataclass(frozen=True)
 class PreparedRun:
-    """A run ready to fit: its settings (local paths absolute, or shipped to the storage for other nodes),
-    where it writes, and how its workers get the teacher's logits (None: live teacher, or no teacher)."""
+    """A run ready to fit: its settings as the workers see them (local paths absolute, or shipped to the storage
+    for other nodes), where it writes, how its workers get the teacher's logits (None: live teacher, or no
+    teacher), and ``driver_spec``: the same settings with this machine's own paths (None: the same as ``spec``)."""
 
     spec: RunSpec
     layout: StorageLayout
     teacher_logits: CachedTeacherLogits | None
+    driver_spec: RunSpec | None = None
+    # how long each start of the run's worker group may wait for its resources (`worker_start_timeout`)
+    start_timeout_s: int = 86_400
+
+    @property
+    def local_spec(self) -> RunSpec:
+        return self.driver_spec or self.spec
 
 
 # ------------------------------------------------------------------------------------------------ preflight
@@ -63,6 +71,7 @@ def preflight(spec: RunSpec, *, max_batch_size: int | None = None, teacher_pendi
     if tcfg.teacher is None and spec.distill.uses_teacher and not teacher_pending:
         raise SinkdError("no --teacher given: pass a fine-tuned teacher, or --alpha 0 --beta 0 for CE only")
     student_config = load_config(tcfg.student)
+    check_weights(tcfg.student)
     available = layer_count(student_config)
     if tcfg.student_layers and available is not None and tcfg.student_layers > available:
         raise SinkdError(
@@ -71,6 +80,7 @@ def preflight(spec: RunSpec, *, max_batch_size: int | None = None, teacher_pendi
         )
     if tcfg.teacher is not None:
         _check_teacher_head(load_config(tcfg.teacher), tcfg, task)
+        check_weights(tcfg.teacher)
     train = load_split(task, "train", tcfg.data_dir)
     load_split(task, "dev", tcfg.data_dir)
     usable = min(len(train), tcfg.max_train_examples or len(train))
@@ -111,11 +121,12 @@ def prepare_run(
 
     finetune = spec.train.teacher is None and teacher_base is not None
     if finetune:
-        load_config(teacher_base)  # exists (or one line), before anything starts
+        load_config(teacher_base)  # exists and is readable (or one line), before anything starts
+        check_weights(teacher_base)
     spec = preflight(spec, max_batch_size=max_batch_size, teacher_pending=finetune)
     _, started = connect(runtime.address)
     tcfg = spec.train
-    wait = runtime.resources_wait if runtime.resources_wait is not None else (0.0 if started else 600.0)
+    wait = runtime.resources_wait if runtime.resources_wait is not None else (0.0 if started else ATTACHED_WAIT_S)
     check_resources(
         worker_bundle(tcfg.cpus_per_worker, tcfg.gpus_per_worker, parse_resources(tcfg.worker_resources)),
         tcfg.workers,
@@ -125,19 +136,57 @@ def prepare_run(
     if finetune:
         teacher = finetune_teacher(teacher_base, teacher_train or replace(tcfg, workers=1), layout, runtime)
         spec = RunSpec(replace(tcfg, teacher=str(teacher)), spec.distill)
-    logits = prepare_teacher_logits(spec, layout)
-    teacher_live = spec.train.teacher is not None and logits is None
-    return PreparedRun(_ship_inputs(spec, layout, teacher_live), layout, logits)
+    # Inputs go to the storage before anything runs on another node: the teacher's logits are computed on a
+    # worker node when the workers need resources the head lacks, and that node has no copy of this disk.
+    teacher_elsewhere = spec.train.teacher is not None and (
+        not uses_cached_logits(spec) or logits_on_a_worker_node(spec.train)
+    )
+    shipped = _ship_inputs(spec, layout, teacher_elsewhere)
+    logits = prepare_teacher_logits(spec, layout, shipped=shipped)
+    driver_spec = spec if shipped is not spec else None
+    return PreparedRun(shipped, layout, logits, driver_spec, worker_start_timeout(runtime, started))
 
 
-def prepare_teacher_logits(spec: RunSpec, layout: StorageLayout) -> CachedTeacherLogits | None:
-    """The teacher's train-split logits, computed once per key (on a GPU worker when the run uses GPUs) and
-    reused; None when the run has no teacher, runs it live, or trains online modules on it."""
+# A cluster this command attaches to may add nodes (autoscaling, a late join): how long a run waits for them.
+ATTACHED_WAIT_S = 1800.0
+LOCAL_START_TIMEOUT_S = 86_400  # the local runtime was checked to fit the run: only other trials can hold it up
+
+
+def worker_start_timeout(runtime: RuntimeConfig, started_locally: bool) -> int:
+    """Seconds each start (and restart) of a run's worker group waits for its resources before the run fails:
+    ``--resources-wait``, or its default. Ray Train V2 gives up after 60 s and counts that as a controller
+    failure, so with a limit of 2 a cold cluster failed its first trials after ~3 minutes. A whole number (Ray's
+    wait takes int64 seconds: inf overflows and fails at once)."""
+    if runtime.resources_wait is not None:
+        return max(1, int(runtime.resources_wait))
+    return LOCAL_START_TIMEOUT_S if started_locally else int(ATTACHED_WAIT_S)
+
+
+def uses_cached_logits(spec: RunSpec) -> bool:
+    """The workers read the teacher's cached logits (not a live teacher, no online modules, a teacher at all)."""
     tcfg = spec.train
-    if tcfg.teacher is None or tcfg.teacher_source != "cache" or spec.distill.online_teacher:
+    return tcfg.teacher is not None and tcfg.teacher_source == "cache" and not spec.distill.online_teacher
+
+
+def logits_on_a_worker_node(tcfg: TrainConfig) -> bool:
+    """Where the teacher's forward passes run: on a node like the run's workers' (a Ray task with one worker's
+    resources) when they need GPUs or custom resources — a cluster's head usually has neither —, else here."""
+    return bool(tcfg.gpus_per_worker or parse_resources(tcfg.worker_resources))
+
+
+def prepare_teacher_logits(
+    spec: RunSpec, layout: StorageLayout, *, shipped: RunSpec | None = None
+) -> CachedTeacherLogits | None:
+    """The teacher's train-split logits, computed once per key (on a worker node when the run's workers need
+    resources the head lacks: `logits_on_a_worker_node`) and reused; None when the run has no teacher, runs it
+    live, or trains online modules on it. ``spec`` has this machine's paths (the key hashes the local teacher's
+    weights); ``shipped``, the same settings as other nodes reach them (`_ship_inputs`), is what a worker node
+    computes from."""
+    tcfg = spec.train
+    if not uses_cached_logits(spec):
         return None
     path, computed = cached_teacher_logits(
-        logits_request(spec, "train"), layout.teacher_cache_dir, compute=_logits_on_a_worker(tcfg)
+        logits_request(spec, "train"), layout.teacher_cache_dir, compute=_logits_on_a_worker(shipped or spec)
     )
     print(f"teacher logits for {tcfg.task}/train: {'computed' if computed else 'reused'} ({path.name})", flush=True)
     if layout.remote:  # workers on other nodes cannot read the driver's disk: a few MB through the object store
@@ -157,7 +206,9 @@ def logits_request(spec: RunSpec, split: str) -> LogitsRequest:
     from sinkd_ray.hardware import resolve_bf16
 
     tcfg = spec.train
-    bf16 = _gpu_resolves_bf16(tcfg) if tcfg.gpus_per_worker else resolve_bf16(tcfg.bf16, torch.device("cpu"))
+    bf16 = (
+        _worker_resolves_bf16(tcfg) if logits_on_a_worker_node(tcfg) else resolve_bf16(tcfg.bf16, torch.device("cpu"))
+    )
     dtype = {"auto": "bfloat16" if bf16 else "float32"}.get(tcfg.teacher_dtype, tcfg.teacher_dtype)
     return LogitsRequest(
         teacher=tcfg.teacher,
@@ -174,21 +225,19 @@ def logits_request(spec: RunSpec, split: str) -> LogitsRequest:
     )
 
 
-def teacher_dev_score(spec: RunSpec, layout: StorageLayout) -> float:
+def teacher_dev_score(prepared: PreparedRun) -> float:
     """The teacher's dev metric from its (cached) dev logits: class logits, or the label words' columns of
-    vocabulary logits (what the model would answer)."""
+    vocabulary logits (what the model would answer). Computed where the train logits were (`prepare_run`)."""
     from transformers import AutoTokenizer
 
     from sinkd_ray.models import detect_family, label_token_ids, resolve_logit_space
-    from sinkd_ray.storage import localize
     from sinkd_ray.tasks import compute_metrics
     from sinkd_ray.teacher_cache import load_teacher_logits
 
+    spec, layout = prepared.local_spec, prepared.layout
     tcfg, task = spec.train, get_task(spec.train.task)
-    tcfg = replace(tcfg, teacher=localize(tcfg.teacher), data_dir=localize(tcfg.data_dir))
-    spec = RunSpec(tcfg, spec.distill)
     path, _ = cached_teacher_logits(
-        logits_request(spec, "dev"), layout.teacher_cache_dir, compute=_logits_on_a_worker(tcfg)
+        logits_request(spec, "dev"), layout.teacher_cache_dir, compute=_logits_on_a_worker(prepared.spec)
     )
     logits = load_teacher_logits(path)
     family = detect_family(load_config(tcfg.teacher), tcfg.family)
@@ -205,7 +254,8 @@ def _resolve_model(path_or_name: str) -> str:
     return resolve_source(path_or_name)
 
 
-def _gpu_task(tcfg: TrainConfig):
+def _worker_task(tcfg: TrainConfig):
+    """A Ray task with one worker's resources: it runs on a node of the kind the run's workers run on."""
     import ray
 
     return ray.remote(
@@ -215,51 +265,62 @@ def _gpu_task(tcfg: TrainConfig):
     )
 
 
-def _gpu_resolves_bf16(tcfg: TrainConfig) -> bool:
-    """``--bf16`` as given, or auto as a GPU worker of this run resolves it (the driver may have no GPU)."""
+def _worker_device(tcfg: TrainConfig):
+    import torch
+
+    return torch.device("cuda" if tcfg.gpus_per_worker else "cpu")
+
+
+def _worker_resolves_bf16(tcfg: TrainConfig) -> bool:
+    """``--bf16`` as given, or auto as a worker node of this run resolves it (the driver may have no GPU)."""
     if tcfg.bf16 is not None:
         return tcfg.bf16
-    import ray
 
-    def probe() -> bool:
-        import torch
-
+    def probe(device) -> bool:
         from sinkd_ray.hardware import resolve_bf16
 
-        return resolve_bf16(None, torch.device("cuda"))
+        return resolve_bf16(None, device)
 
-    return ray.get(_gpu_task(tcfg)(probe).remote())
+    import ray
+
+    return ray.get(_worker_task(tcfg)(probe).remote(_worker_device(tcfg)))
 
 
-def _logits_on_a_worker(tcfg: TrainConfig):
-    """Where the teacher's forward passes run: with GPUs, in a Ray task on a GPU worker (the head of a cluster
-    usually has none); otherwise here, on the CPU."""
-    if not tcfg.gpus_per_worker:
+def _logits_on_a_worker(shipped: RunSpec):
+    """``compute`` for `cached_teacher_logits`: None (here, on the CPU) unless the run's workers need resources the
+    head lacks; then a Ray task on such a node, given the request with the inputs as that node reaches them
+    (``shipped``: storage URIs, `storage.localize` fetches them there)."""
+    tcfg = shipped.train
+    if not logits_on_a_worker_node(tcfg):
         return None
 
     def compute(request: LogitsRequest):
         import ray
 
-        def on_gpu(request: LogitsRequest):
+        def on_worker(request: LogitsRequest, device, threads: int):
             import torch
 
-            return request.compute(torch.device("cuda"))
+            torch.set_num_threads(threads)
+            return request.compute(device)
 
-        return ray.get(_gpu_task(tcfg)(on_gpu).remote(request))
+        remote = replace(request, teacher=tcfg.teacher, data_dir=tcfg.data_dir)
+        threads = max(1, round(tcfg.cpus_per_worker))
+        return ray.get(_worker_task(tcfg)(on_worker).remote(remote, _worker_device(tcfg), threads))
 
     return compute
 
 
-def _ship_inputs(spec: RunSpec, layout: StorageLayout, teacher_runs_live: bool) -> RunSpec:
-    """With remote storage the workers may run on other nodes: local folders they read (the student, a GLUE copy,
-    a live teacher) are uploaded to the storage once and passed as URIs (`storage.localize` on the worker)."""
+def _ship_inputs(spec: RunSpec, layout: StorageLayout, teacher_elsewhere: bool) -> RunSpec:
+    """With remote storage the workers may run on other nodes: local folders read there (the student, a GLUE copy,
+    the teacher when it runs live or computes its logits on a worker node) are uploaded to the storage once and
+    passed as URIs (`storage.localize` on that node). Returns ``spec`` itself when nothing travels."""
     if not layout.remote:
         return spec
     tcfg = spec.train
     changes = {}
     if tcfg.student and Path(tcfg.student).is_dir():
         changes["student"] = ship(Path(tcfg.student), layout)
-    if teacher_runs_live and tcfg.teacher and Path(tcfg.teacher).is_dir():
+    if teacher_elsewhere and tcfg.teacher and Path(tcfg.teacher).is_dir():
         changes["teacher"] = ship(Path(tcfg.teacher), layout)
     if tcfg.data_dir and Path(tcfg.data_dir).is_dir():
         changes["data_dir"] = ship(_task_files(tcfg), layout)
@@ -303,8 +364,11 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str, name: str, callba
             name=name,
             storage_path=storage_path,
             callbacks=callbacks,
-            # a worker group that cannot start is not retried forever (the resources were checked up front)
-            failure_config=FailureConfig(max_failures=tcfg.max_failures, controller_failure_limit=2),
+            # Each start of the worker group waits up to start_timeout_s for its resources (`fit` sets it); a timed-out
+            # start counts against controller_failure_limit: the first start and one per restart after a crash.
+            failure_config=FailureConfig(
+                max_failures=tcfg.max_failures, controller_failure_limit=tcfg.max_failures + 1
+            ),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=tcfg.checkpoints_to_keep,
                 checkpoint_score_attribute="dev_metric",
@@ -314,10 +378,18 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str, name: str, callba
     )
 
 
-def fit(trainer, run_dir: str):
-    """``trainer.fit()``; a run whose workers recorded a failure that retrying cannot fix raises it as one line."""
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by Train V2's controller at every start
+
+
+def fit(trainer, run_dir: str, start_timeout_s: int = LOCAL_START_TIMEOUT_S):
+    """``trainer.fit()``; a run whose workers recorded a failure that retrying cannot fix raises it as one line.
+    ``start_timeout_s``: how long each start of the worker group waits for nodes (Train V2 reads it from this
+    process's environment and hands it to the run's controller)."""
+    import os
+
     from ray.train import TrainingFailedError
 
+    os.environ[START_TIMEOUT_ENV] = str(int(start_timeout_s))
     _remove(run_dir, FAILURE_FILE)  # from an earlier attempt of a run with this name
     try:
         result = trainer.fit()
@@ -338,6 +410,7 @@ def fit_run(prepared: PreparedRun, name: str, callbacks: list | None = None):
     return fit(
         build_trainer(prepared, storage_path=prepared.layout.root, name=name, callbacks=callbacks),
         prepared.layout.run_dir(name),
+        prepared.start_timeout_s,
     )
 
 

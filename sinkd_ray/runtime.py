@@ -39,6 +39,7 @@ def connect(address: str | None = None) -> tuple[str, bool]:
     address = address or os.environ.get(ADDRESS_ENV) or None
     runtime_env = {"worker_process_setup_hook": "sinkd_ray.runtime.pin_ray_address"}
     if address:
+        check_reachable(address)
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as err:
@@ -56,17 +57,47 @@ def connect(address: str | None = None) -> tuple[str, bool]:
         # The dashboard is required (Ray Train's placement-group cleaner queries its state API), on a free port.
         # address="local": always a new runtime of our own. Without an address ray.init would join whichever
         # cluster `ray start` last wrote to /tmp/ray/ray_current_cluster — e.g. another study's.
-        ray.init(
-            address="local",
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            runtime_env=runtime_env,
-            log_to_driver=True,
-        )
+        try:
+            ray.init(
+                address="local",
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                runtime_env=runtime_env,
+                log_to_driver=True,
+            )
+        except Exception as err:  # Ray raises plain Exception / RuntimeError / TimeoutError when its start fails
+            raise SinkdError(
+                f"Ray's local runtime did not start ({str(err).strip().splitlines()[0][:160]}) — this machine is "
+                "probably overloaded (several commands starting Ray at once): wait and rerun, start fewer at a "
+                "time, or start one runtime (`ray start --head`) and attach every command to it with --address"
+            ) from None
         started = True
     gcs = ray.get_runtime_context().gcs_address
     os.environ[ADDRESS_ENV] = gcs  # this process and its subprocesses
     return gcs, started
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A TCP connection to the cluster's address within ``timeout_s``: without one, ray.init retries a closed or
+    unanswered port for ever (and Ctrl+C does not stop it). "auto" and other forms without a port are left to Ray."""
+    import socket
+    from urllib.parse import urlsplit
+
+    target = urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = target.hostname, target.port
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        return
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except OSError as err:
+        raise SinkdError(
+            f"cannot reach the Ray cluster at {address} ({err.strerror or err}) within {timeout_s:.0f} s — start "
+            f"it (ray start --head / ray up), or drop --address and unset {ADDRESS_ENV} to run on a local runtime"
+        ) from None
 
 
 def worker_bundle(cpus: float, gpus: float, resources: dict[str, float]) -> dict[str, float]:

@@ -89,7 +89,8 @@ def trial_run(params: dict, *, setup: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     layout = StorageLayout(setup["root"])
-    prepared = PreparedRun(RunSpec.from_dict(setup["spec"]).with_values(params), layout, setup["teacher_logits"])
+    spec = RunSpec.from_dict(setup["spec"]).with_values(params)
+    prepared = PreparedRun(spec, layout, setup["teacher_logits"], start_timeout_s=setup["start_timeout_s"])
     trial_id = ray.tune.get_context().get_trial_id()
     trainer = build_trainer(
         prepared,
@@ -97,7 +98,7 @@ def trial_run(params: dict, *, setup: dict) -> None:
         name=layout.trial_run_name(trial_id),
         callbacks=[TuneReportCallback()],
     )
-    fit(trainer, layout.trial_run_dir(setup["study"], trial_id))
+    fit(trainer, layout.trial_run_dir(setup["study"], trial_id), prepared.start_timeout_s)
 
 
 # ------------------------------------------------------------------------------------------- the study
@@ -127,6 +128,7 @@ def fit_study(
         "teacher_logits": prepared.teacher_logits,
         "root": layout.root,
         "study": study,
+        "start_timeout_s": prepared.start_timeout_s,
     }
     trainable = tune.with_resources(tune.with_parameters(trial_run, setup=setup), TRIAL_RESOURCES)
     if cfg.resume:

@@ -53,6 +53,20 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         folder = Path(uri[len("sqlite:///") :]).expanduser().parent
         if not (folder.is_dir() and os.access(folder, os.W_OK)):
             raise SinkdError(f"--tracking-uri {uri}: the folder {folder} does not exist or is not writable")
+        open_store(uri)
+
+
+def open_store(uri: str) -> None:
+    """Open the tracking store once (a SQLite file is created or migrated here): a corrupt or foreign file is
+    refused before Ray starts and the teacher trains, not after."""
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # sqlalchemy / sqlite3 / MLflow errors: the store cannot be used as it is
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise SinkdError(
+            f"--tracking-uri {uri}: the MLflow store cannot be opened ({reason}) — move the file aside (a new one is "
+            "created) or point --tracking-uri at a working store"
+        ) from None
 
 
 def code_version() -> str:

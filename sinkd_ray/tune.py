@@ -208,11 +208,12 @@ def _ce_baseline(prepared, params: dict, name: str) -> float:
     """One CE-only student (α = β = γ = 0) with the best trial's other settings: what the student reaches without
     the teacher, at the same budget."""
     from sinkd_ray.checkpoints import METRICS_FILE, load_json
-    from sinkd_ray.driver import PreparedRun, PrintProgress, best_checkpoint_dir, fit_run
+    from sinkd_ray.driver import PrintProgress, best_checkpoint_dir, fit_run
 
     spec = ce_baseline_spec(prepared.spec, params)
     print("\nCE-only baseline: the best trial's settings without the teacher (α = β = γ = 0)")
-    result = fit_run(PreparedRun(spec, prepared.layout, None), f"{name}-ce-baseline", callbacks=[PrintProgress()])
+    baseline = replace(prepared, spec=spec, teacher_logits=None, driver_spec=None)
+    result = fit_run(baseline, f"{name}-ce-baseline", callbacks=[PrintProgress()])
     return float(load_json(best_checkpoint_dir(result) / METRICS_FILE)["dev_metric"])
 
 
@@ -221,7 +222,7 @@ def _outcome_table(prepared, best: float, baseline: float | None) -> None:
     from sinkd_ray.driver import teacher_dev_score
 
     metric = get_task(prepared.spec.train.task).metric
-    teacher = teacher_dev_score(prepared.spec, prepared.layout)
+    teacher = teacher_dev_score(prepared)
     rows = [("teacher", teacher), ("best student", best)] + (
         [("CE-only student", baseline)] if baseline is not None else []
     )

@@ -230,7 +230,7 @@ def test_teacher_base_is_fine_tuned_first_even_when_a_generative_model_could_tea
     monkeypatch.setattr(
         driver, "prepare_run", lambda spec, *a, **kw: calls.append((spec, kw)) or SimpleNamespace(spec=spec)
     )
-    monkeypatch.setattr(driver, "teacher_dev_score", lambda spec, layout: 0.5)
+    monkeypatch.setattr(driver, "teacher_dev_score", lambda prepared: 0.5)
     parser = reproduce.build_parser()
     common = ["--task", "cola", "--student", str(tiny_gptneo_dir), "--out-dir", str(tmp_path)]
 

@@ -1,0 +1,165 @@
+"""Bad input and hostile conditions through the real command lines: each ends in one `error:` line, in seconds,
+with nothing half-done (no Ray runtime waited on for ever, no MLflow run left RUNNING)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import free_port, tiny_study_argv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], timeout: float = 120, **env) -> tuple[subprocess.CompletedProcess, float]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**clean, "HF_HUB_OFFLINE": "1", **env},
+    )
+    return proc, time.monotonic() - t0
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    return errors[0]
+
+
+def _train_args(student, teacher, data, storage, *extra) -> list[str]:
+    return [
+        "-m",
+        "sinkd_ray.train",
+        "--task",
+        "cola",
+        "--student",
+        str(student),
+        "--student-layers",
+        "2",
+        "--teacher",
+        str(teacher),
+        "--data-dir",
+        str(data),
+        "--max-length",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--no-bf16",
+        "--storage-path",
+        str(storage),
+        *extra,
+    ]
+
+
+def test_a_ray_address_that_does_not_answer_is_refused_in_seconds(
+    tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
+    """RAY_ADDRESS at a closed port: ray.init used to retry it for ever (and Ctrl+C did not stop it)."""
+    closed = free_port()
+    args = _train_args(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, tmp_path / "runs")
+    proc, elapsed = _run(args, RAY_ADDRESS=f"127.0.0.1:{closed}")
+    line = _one_error_line(proc)
+    assert f"cannot reach the Ray cluster at 127.0.0.1:{closed}" in line and "unset RAY_ADDRESS" in line
+    assert elapsed < 60
+
+
+def test_a_corrupt_teacher_weights_file_is_refused_before_anything_starts(
+    tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
+    """A truncated model.safetensors: the preflight reads its header (it read only config.json), so the run stops
+    in one line before Ray starts, instead of a SafetensorError traceback from a worker a minute later."""
+    broken = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc, elapsed = _run(_train_args(tiny_bert_dir, broken, cola_fixture_dir, tmp_path / "runs"))
+    line = _one_error_line(proc)
+    assert "model.safetensors is corrupt or truncated" in line and "save the model again" in line
+    assert elapsed < 60 and "Started a local Ray instance" not in proc.stderr + proc.stdout
+    garbage = tmp_path / "garbage"
+    shutil.copytree(tiny_teacher_dir, garbage)
+    (garbage / "model.safetensors").write_bytes(b"\xff" * 64)
+    line = _one_error_line(_run(_train_args(tiny_bert_dir, garbage, cola_fixture_dir, tmp_path / "runs"))[0])
+    assert "corrupt or truncated" in line
+
+
+def test_a_negative_seed_is_refused_up_front(tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir):
+    """--seed -1 used to fail in every worker, be retried three times, and end with "rerun … to resume"."""
+    proc, elapsed = _run(_train_args(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, tmp_path / "runs", "--seed=-1"))
+    line = _one_error_line(proc)
+    assert "seed=-1 is outside [0, 4.29497e+09]" in line and "resume" not in line
+    assert elapsed < 60
+
+
+def test_a_corrupt_mlflow_store_is_refused_before_ray_and_the_teacher(
+    tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
+    storage = tmp_path / "runs"
+    storage.mkdir()
+    (storage / "mlflow.db").write_bytes(b"this is not a database" * 100)
+    space = tmp_path / "space.yaml"
+    space.write_text("sampler: grid\nsearch:\n  lr: {choice: [1.0e-3]}\nfixed:\n  batch_size: 16\n  epochs: 1\n")
+    argv = tiny_study_argv(tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, space, storage)
+    proc, elapsed = _run(["-m", "sinkd_ray.tune", *argv])
+    line = _one_error_line(proc)
+    assert "the MLflow store cannot be opened" in line and "move the file aside" in line
+    assert elapsed < 60 and "Started a local Ray instance" not in proc.stderr + proc.stdout
+
+
+def test_a_float_without_a_dot_in_a_search_space_says_how_to_write_it(tmp_path):
+    from sinkd_ray.errors import SinkdError
+    from sinkd_ray.search_space import load_search_space
+
+    space = tmp_path / "space.yaml"
+    space.write_text("search:\n  lr: {loguniform: [1.0e-5, 1.0e-4]}\nfixed:\n  weight_decay: 1e-2\n")
+    with pytest.raises(SinkdError, match=r"weight_decay='1e-2' is text, not a number: .* write 1\.0e-2$"):
+        load_search_space(str(space))
+
+
+def test_a_failed_ray_start_says_what_happened_and_what_to_do(monkeypatch):
+    """Ray's own start failing (seen: "node timed out during startup … GCS overloaded", when three commands started
+    at once beside a running study) is one line with what to do, not Ray's traceback."""
+    import ray
+
+    from sinkd_ray import runtime
+    from sinkd_ray.errors import SinkdError
+
+    def overloaded(**kwargs):
+        raise Exception("The current node timed out during startup. This could happen because the GCS is overloaded")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", overloaded)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(SinkdError, match=r"did not start \(The current node timed out .*overloaded.* --address"):
+        runtime.connect()
+
+
+def test_a_command_ends_even_when_its_shutdown_hangs(tmp_path):
+    """After its last line a command exits within SINKD_EXIT_TIMEOUT_S, however long a shutdown handler or a
+    leftover thread would keep it (a finished `train --stage teacher` once stayed for minutes)."""
+    script = tmp_path / "hangs.py"
+    script.write_text(
+        "import atexit, threading, time\n"
+        "from sinkd_ray.cli import run_cli\n"
+        "def main(argv):\n"
+        "    threading.Thread(target=time.sleep, args=(600,)).start()\n"
+        "    atexit.register(time.sleep, 600)\n"
+        "    print('teacher: dev mcc=0.5 in 1s', flush=True)\n"
+        "    return 0\n"
+        "run_cli(main)\n"
+    )
+    proc, elapsed = _run([str(script)], timeout=60, SINKD_EXIT_TIMEOUT_S="3")
+    assert proc.returncode == 0 and "teacher: dev mcc=0.5" in proc.stdout
+    assert elapsed < 30 and "exiting without waiting further" in proc.stderr
