@@ -172,7 +172,100 @@ def validate_cluster_config(config: dict, source: str = "cluster config", constr
     # The file's own lists (prepare_config merges setup_commands into the head/worker lists): indices as written.
     _check_software(config, source, constraints)
     _check_bucket_and_backend(config, env, source)
+    _check_region(prepared, env, source)
+    _check_sqlite_volume(config, env, source)
+    _check_gpu_access(prepared, source)
+    _check_ray_start(config, source)
     return prepared
+
+
+SQLITE_HOME = "/home/ray/mlflow"  # node_setup.mlflow_backend_uri: ~/mlflow/mlflow.db for the image's user ray
+
+
+def _check_region(prepared: dict, env: dict, source: str) -> None:
+    """The provider's region reaches the containers (boto3 inside finds none by itself): the same value."""
+    provider = prepared.get("provider", {})
+    if provider.get("type") != "aws":
+        return
+    if env.get("AWS_DEFAULT_REGION") != provider.get("region"):
+        raise SinkdError(
+            f"{source}: docker.run_options must pass the provider's region to the containers, "
+            f"--env=AWS_DEFAULT_REGION={provider.get('region')} (found {env.get('AWS_DEFAULT_REGION')!r}): "
+            "reading the MLflow backend from SSM fails without it"
+        )
+
+
+def _volumes(options: list) -> dict[str, str]:
+    """container path -> host path of the ``-v`` / ``--volume`` options."""
+    tokens = [t for option in options or [] for t in shlex.split(str(option))]
+    found = {}
+    for i, token in enumerate(tokens):
+        value = None
+        if token.startswith(("--volume=", "-v=")):
+            value = token.split("=", 1)[1]
+        elif token in ("-v", "--volume") and i + 1 < len(tokens):
+            value = tokens[i + 1]
+        if value and value.count(":") >= 1:
+            host, container = value.split(":")[:2]
+            found[container.rstrip("/")] = host
+    return found
+
+
+def _check_sqlite_volume(config: dict, env: dict, source: str) -> None:
+    """With the SQLite backend the store's folder is a host volume (the container's layer goes with --rm), and
+    the host folder is created before the container starts (else Docker creates it for root)."""
+    if env.get("SINKD_MLFLOW_BACKEND") != "sqlite":
+        return
+    docker = config.get("docker") or {}
+    host = _volumes(list(docker.get("run_options") or []) + list(docker.get("head_run_options") or [])).get(SQLITE_HOME)
+    if host is None:
+        raise SinkdError(
+            f"{source}: with SINKD_MLFLOW_BACKEND=sqlite the head's {SQLITE_HOME} must be a host volume "
+            f"(docker.head_run_options: --volume=/home/ubuntu/sinkd-mlflow:{SQLITE_HOME}), or the runs are deleted "
+            "whenever the head's container is recreated"
+        )
+    if not any(re.search(rf"mkdir -p \S*{re.escape(host)}\b", c) for c in config.get("initialization_commands") or []):
+        raise SinkdError(
+            f"{source}: initialization_commands must create the volume's host folder first (mkdir -p {host}); "
+            "Docker would create it for root, and the container's user could not write the store"
+        )
+
+
+def _check_gpu_access(prepared: dict, source: str) -> None:
+    """Worker types that declare GPUs start their containers with them (Ray's launcher adds no --gpus)."""
+    docker = prepared.get("docker") or {}
+    for name, node_type in _worker_types(prepared).items():
+        if not (node_type.get("resources") or {}).get("GPU"):
+            continue
+        own = node_type.get("docker") or {}
+        options = list(docker.get("run_options") or []) + list(
+            own.get("worker_run_options", docker.get("worker_run_options")) or []
+        )
+        if not any(re.search(r"--gpus[= ]|--runtime[= ]nvidia", str(o)) for o in options):
+            raise SinkdError(
+                f"{source}: worker node type '{name}' declares GPUs but its container gets none — add "
+                "--gpus all to docker.worker_run_options (Ray's launcher does not)"
+            )
+
+
+def _check_ray_start(config: dict, source: str) -> None:
+    """Every `ray start` sets RAY_AUTH_MODE (a stray ~/.ray/auth_token must not decide it), and each worker checks
+    its GPUs before it starts Ray."""
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        commands = [str(c) for c in config.get(key) or []]
+        starts = [i for i, c in enumerate(commands) if re.search(r"\bray start\b", c)]
+        for i in starts:
+            if "RAY_AUTH_MODE=" not in commands[i]:
+                raise SinkdError(
+                    f"{source}: {key}[{i}] starts Ray without RAY_AUTH_MODE — a ~/.ray/auth_token left on the node "
+                    "would turn token authentication on and workers could not join; prefix RAY_AUTH_MODE=disabled"
+                )
+        if key == "worker_start_ray_commands" and starts:
+            if not any("sinkd_ray.cluster check-gpus" in c for c in commands[: starts[0]]):
+                raise SinkdError(
+                    f"{source}: {key} must run `python -m sinkd_ray.cluster check-gpus` before `ray start` (where "
+                    "the node type's declared GPUs are known), or a node without usable GPUs joins and advertises them"
+                )
 
 
 def _ray_prepared(config: dict, source: str) -> dict:
@@ -294,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("path", nargs="?", default="cluster.yaml")
     pre = sub.add_parser("preflight", help="on a node: versions, GPUs, bucket (and with --head the MLflow backend)")
     pre.add_argument("--head", action="store_true")
+    sub.add_parser(
+        "check-gpus",
+        help="on a worker, before `ray start`: torch sees the GPUs its node type declares ($RAY_OVERRIDE_RESOURCES) "
+        "and runs a kernel on each",
+    )
     sub.add_parser("mlflow-server", help="on the head: start the MLflow tracking server (127.0.0.1:5000)")
     args = parser.parse_args(argv)
     if args.command == "check":
@@ -308,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "preflight":
         print("preflight: " + "; ".join(node_setup.preflight(head=args.head)))
+    elif args.command == "check-gpus":
+        print(f"check-gpus: {node_setup.check_declared_gpus()}")
     else:
         print(f"MLflow server: {node_setup.start_mlflow_server()}")
     return 0

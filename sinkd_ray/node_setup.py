@@ -9,6 +9,7 @@ CUDA build), a bucket this node cannot write (no instance profile, a typo), an M
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -108,6 +109,49 @@ def check_gpus() -> None:
         )
 
 
+# The autoscaler exports a node type's declared resources to its `ray start` commands (not to setup commands).
+DECLARED_RESOURCES_ENV = "RAY_OVERRIDE_RESOURCES"
+
+
+def declared_gpus() -> int | None:
+    """The GPUs this node's type declares (cluster.yaml ``resources``), read where the autoscaler exports them."""
+    raw = os.environ.get(DECLARED_RESOURCES_ENV)
+    if not raw:
+        return None
+    try:
+        return int(json.loads(raw).get("GPU", 0))
+    except (ValueError, TypeError, AttributeError):
+        raise SinkdError(f"{DECLARED_RESOURCES_ENV}={raw!r} is not a JSON object of resources") from None
+
+
+def check_declared_gpus(declared: int | None = None) -> str:
+    """Before `ray start` on a worker: torch sees exactly the GPUs the node type declares, and a kernel runs on each.
+    Otherwise Ray would advertise GPUs the container cannot use (Ray's launcher adds no ``--gpus all``; a node
+    whose container lacks /dev/nvidia* once passed every check and advertised ``GPU: 1``)."""
+    declared = declared_gpus() if declared is None else declared
+    if declared is None:  # nothing declared (another provider): the devices present must at least work
+        check_gpus()
+        return "no declared GPU count; the NVIDIA devices present are usable"
+    import torch
+
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if seen != declared:
+        raise SinkdError(
+            f"this node type declares {declared} GPU(s) but torch sees {seen} (/dev/nvidia*: "
+            f"{len(_nvidia_devices())}) — start its container with the GPUs (cluster.yaml docker.worker_run_options: "
+            "--gpus all) and keep the node type's resources.GPU equal to the instance's GPUs"
+        )
+    for index in range(seen):
+        try:
+            x = torch.arange(64, dtype=torch.float32, device=f"cuda:{index}").reshape(8, 8)
+            value = float((x @ x).sum().item())
+        except Exception as err:  # a driver / runtime problem shows as any CUDA error here
+            raise SinkdError(f"a kernel failed on GPU {index} ({_first_line(err)}) — check the node's driver") from None
+        if value != 529_536.0:  # Σ (x @ x) for x = 0..63 in 8 × 8, exact in float32
+            raise SinkdError(f"GPU {index} computed a wrong result ({value}) — the device is faulty")
+    return f"{seen} GPU(s) as declared, a kernel ran on each"
+
+
 def bucket_uri() -> str:
     bucket = os.environ.get("SINKD_BUCKET", "").rstrip("/")
     if "://" not in bucket:
@@ -143,6 +187,18 @@ def check_storage(uri: str) -> None:
         ) from None
 
 
+def aws_region() -> str:
+    """The AWS region inside the container: cluster.yaml passes the provider's (boto3 finds none by itself there,
+    and its NoRegionError read like a permissions problem)."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not region:
+        raise SinkdError(
+            "no AWS region in this container — cluster.yaml's docker.run_options pass the provider's region "
+            "(--env=AWS_DEFAULT_REGION=<provider.region>)"
+        )
+    return region
+
+
 def mlflow_backend_uri(setting: str | None = None) -> str:
     """The backend-store URI for ``SINKD_MLFLOW_BACKEND``: ``sqlite`` (a file on this node) or
     ``ssm:<parameter>`` (a database URI kept in SSM Parameter Store). Anything unreadable is an error."""
@@ -151,10 +207,12 @@ def mlflow_backend_uri(setting: str | None = None) -> str:
         return f"sqlite:///{Path.home() / 'mlflow' / 'mlflow.db'}"
     if setting.startswith("ssm:") and len(setting) > 4:
         name = setting[4:]
+        region = aws_region()
         try:
-            import boto3  # in Ray's images (its AWS autoscaler needs it); region and credentials from the instance
+            import boto3  # in Ray's images (its AWS autoscaler needs it); credentials from the instance's role
 
-            value = boto3.client("ssm").get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"]
+            ssm = boto3.client("ssm", region_name=region)
+            value = ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"]
         except Exception as exc:
             raise SinkdError(
                 f"cannot read the MLflow backend URI from SSM parameter {name} ({_first_line(exc)}) — "
@@ -176,15 +234,31 @@ def preflight(head: bool = False) -> list[str]:
     done.append(f"{uri} writable")
     if head:
         backend = mlflow_backend_uri()
+        if backend.startswith("sqlite"):
+            check_sqlite_on_host(Path.home() / "mlflow")
         done.append(
             "MLflow backend: "
             + (
-                "SQLite on this node (deleted by `ray down`)"
+                "SQLite on this node's disk (kept when the container is recreated, deleted by `ray down`)"
                 if backend.startswith("sqlite")
                 else "read from " + os.environ["SINKD_MLFLOW_BACKEND"][4:]
             )
         )
     return done
+
+
+CLUSTER_MLFLOW_HOME = Path("/home/ray/mlflow")  # ~/mlflow of the cluster image's user (cluster.yaml's volume)
+
+
+def check_sqlite_on_host(folder: Path) -> None:
+    """In the cluster's container, the SQLite store's folder must be a volume from the host: the container's own
+    layer is deleted whenever the container is recreated (Ray's launcher runs it with --rm), and the runs with it."""
+    if folder == CLUSTER_MLFLOW_HOME and not os.path.ismount(folder):
+        raise SinkdError(
+            f"{folder} is not a volume from the host, so the SQLite MLflow store would be deleted with the container "
+            "— mount one there (cluster.yaml docker.head_run_options: --volume=/home/ubuntu/sinkd-mlflow:"
+            f"{folder})"
+        )
 
 
 def _running(pidfile: Path) -> bool:

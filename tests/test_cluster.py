@@ -140,6 +140,27 @@ def _drop_profile(name):
             "setup_commands\\[0\\] installs without -c",
         ),
         (lambda c: c.update(setup_commands=[]), "never install this checkout"),
+        # 5. the provider's region reaches the containers (boto3 finds none inside: NoRegionError)
+        (lambda c: _set_env(c, "AWS_DEFAULT_REGION", None), "must pass the provider's region.*us-west-2"),
+        (lambda c: _set_env(c, "AWS_DEFAULT_REGION", "eu-west-1"), "AWS_DEFAULT_REGION=us-west-2 \\(found 'eu-west-1'"),
+        # 6. the SQLite store on the host's disk, its folder created first
+        (lambda c: c["docker"].pop("head_run_options"), "/home/ray/mlflow must be a host volume"),
+        (lambda c: c.pop("initialization_commands"), "must create the volume's host folder first"),
+        # 7. GPUs given to the workers' containers, and checked before Ray starts there
+        (lambda c: c["docker"].pop("worker_run_options"), "'gpu-1x' declares GPUs but its container gets none"),
+        (
+            lambda c: c.update(
+                worker_start_ray_commands=[x for x in c["worker_start_ray_commands"] if "check" not in x]
+            ),
+            "check-gpus` before `ray start`",
+        ),
+        # 8. Ray's auth mode explicit on every start (a stray ~/.ray/auth_token must not decide it)
+        (
+            lambda c: c["head_start_ray_commands"].__setitem__(
+                1, c["head_start_ray_commands"][1].replace("RAY_AUTH_MODE=disabled ", "")
+            ),
+            "head_start_ray_commands\\[1\\] starts Ray without RAY_AUTH_MODE",
+        ),
     ],
 )
 def test_broken_copies_of_cluster_yaml_fail_with_one_line(filled, breakage, match):
@@ -207,6 +228,7 @@ def test_preflight_passes_on_a_node_that_matches_its_lock_and_can_write_the_buck
         ("gpu", "NVIDIA devices but torch .* cannot use them.*driver"),
         ("backend", "SINKD_MLFLOW_BACKEND='postgres'"),
         ("ssm", "cannot read the MLflow backend URI from SSM parameter /sinkd/mlflow-backend-uri.*sqlite"),
+        ("no region", "no AWS region in this container.*AWS_DEFAULT_REGION"),
     ],
 )
 def test_preflight_stops_setup_with_one_line(problem, match, tmp_path, monkeypatch):
@@ -224,14 +246,19 @@ def test_preflight_stops_setup_with_one_line(problem, match, tmp_path, monkeypat
         {"bucket": "file:///proc/sinkd-nowhere", "no bucket": ""}.get(problem, (tmp_path / "bucket").as_uri()),
     )
     monkeypatch.setenv(
-        "SINKD_MLFLOW_BACKEND", {"backend": "postgres", "ssm": "ssm:/sinkd/mlflow-backend-uri"}.get(problem, "sqlite")
+        "SINKD_MLFLOW_BACKEND",
+        {"backend": "postgres", "ssm": "ssm:/sinkd/mlflow-backend-uri", "no region": "ssm:/x"}.get(problem, "sqlite"),
     )
     if problem == "gpu":
         monkeypatch.setattr(node_setup, "_nvidia_devices", lambda: [Path("/dev/nvidia0")])
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    if problem == "no region":
+        monkeypatch.delenv("AWS_DEFAULT_REGION")
     if problem == "ssm":  # what boto3 raises on a node whose role may not read the parameter
 
-        def client(service):
+        def client(service, region_name=None):
             raise PermissionError("AccessDeniedException: not authorized to perform ssm:GetParameter")
 
         monkeypatch.setitem(sys.modules, "boto3", types.SimpleNamespace(client=client))
@@ -345,3 +372,90 @@ def test_a_study_on_two_nodes_and_uri_storage_completes(
     )
     student = load_student(local, get_task("cola"))
     assert student(torch.tensor([[2, 5, 3]]), torch.ones(1, 3, dtype=torch.long)).shape == (1, 2)
+
+
+# ------------------------------------------------------------------------------ what the containers get
+def test_the_containers_get_the_providers_region_and_read_the_ssm_backend_with_it(tmp_path, template, monkeypatch):
+    """boto3.client("ssm") inside the containers had no region (NoRegionError, reported as an IAM problem). The
+    containers get cluster.yaml's docker env; with exactly that env (plus a moto server standing in for AWS) the
+    head reads its backend URI from SSM."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from sinkd_ray import node_setup
+    from sinkd_ray.cluster import _docker_env
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+            monkeypatch.delenv(name, raising=False)
+        container_env = _docker_env(template["docker"])
+        assert container_env["AWS_DEFAULT_REGION"] == template["provider"]["region"]
+        for name, value in container_env.items():
+            monkeypatch.setenv(name, value)
+        # the instance role's credentials and AWS's endpoint, as moto's
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        boto3.client("ssm").put_parameter(
+            Name="/sinkd/mlflow-backend-uri", Value="postgresql://mlflow:pw@db:5432/mlflow", Type="SecureString"
+        )
+        assert node_setup.mlflow_backend_uri("ssm:/sinkd/mlflow-backend-uri") == "postgresql://mlflow:pw@db:5432/mlflow"
+    finally:
+        server.stop()
+
+
+def test_the_sqlite_store_lives_on_a_host_volume_the_host_creates_first(template):
+    """The head's SQLite store was in the container's own layer, deleted whenever the container is recreated."""
+    from sinkd_ray.cluster import SQLITE_HOME, _volumes
+    from sinkd_ray.node_setup import CLUSTER_MLFLOW_HOME
+
+    host = _volumes(template["docker"]["head_run_options"])[SQLITE_HOME]
+    assert str(CLUSTER_MLFLOW_HOME) == SQLITE_HOME and host.startswith("/home/ubuntu/")
+    assert f"mkdir -p {host}" in template["initialization_commands"]
+
+
+def test_every_ray_start_in_cluster_yaml_sets_the_auth_mode_and_workers_check_their_gpus_first(template):
+    head, workers = template["head_start_ray_commands"], template["worker_start_ray_commands"]
+    starts = [c for c in head + workers if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=disabled ray start" in c for c in starts)
+    check = next(i for i, c in enumerate(workers) if "sinkd_ray.cluster check-gpus" in c)
+    assert check < next(i for i, c in enumerate(workers) if "ray start" in c)
+    assert template["docker"]["worker_run_options"] == ["--gpus all"]
+
+
+@pytest.mark.parametrize(
+    "declared, seen, kernel_ok, match",
+    [
+        ('{"CPU": 8, "GPU": 1}', 0, True, "declares 1 GPU\\(s\\) but torch sees 0.*--gpus all"),
+        ('{"CPU": 96, "GPU": 8}', 4, True, "declares 8 GPU\\(s\\) but torch sees 4"),
+        ('{"CPU": 8, "GPU": 1}', 1, False, "a kernel failed on GPU 0"),
+        ('{"CPU": 8, "GPU": 1}', 1, True, None),
+        ('{"CPU": 2}', 0, True, None),  # a CPU node type
+    ],
+)
+def test_check_gpus_wants_exactly_the_declared_gpus_and_a_kernel_on_each(declared, seen, kernel_ok, match, monkeypatch):
+    """Before `ray start` a worker compares the GPUs its node type declares (RAY_OVERRIDE_RESOURCES, exported by
+    the autoscaler to the start commands) with what torch sees, and runs a kernel on each; a container started
+    without the GPUs used to pass and advertise GPU: 1."""
+    from sinkd_ray import node_setup
+
+    monkeypatch.setenv("RAY_OVERRIDE_RESOURCES", declared)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: seen > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: seen)
+    real_arange = torch.arange
+
+    def arange(*args, device=None, **kwargs):  # "cuda:i" tensors computed on the CPU, or a failing kernel
+        if not kernel_ok:
+            raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+        return real_arange(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "arange", arange)
+    if match is None:
+        assert "GPU" in node_setup.check_declared_gpus()
+    else:
+        with pytest.raises(SinkdError, match=match) as info:
+            node_setup.check_declared_gpus()
+        assert "\n" not in str(info.value)
