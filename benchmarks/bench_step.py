@@ -1,35 +1,47 @@
 """Training throughput, side by side in one run: (a) plain CE fine-tuning, (b) SinKD with the live teacher,
-(c) SinKD with cached teacher logits — on the same student, data and loop (``sinkd_ray.train.distill``).
+(c) SinKD with cached teacher logits — on the same student, data and loop (`sinkd_ray.worker.distill`, the loop
+every Ray Train worker runs), plus (e) (c) with each term's gradient share measured on every batch.
 
     python benchmarks/bench_step.py --data-dir ../shared/data            # MiniLM-L6 teacher -> 3-layer student
     python benchmarks/bench_step.py --data-dir ../shared/data --quick    # a smoke run
     python benchmarks/bench_step.py --data-dir ../shared/data --bf16     # adds (d): (c) under bf16 autocast
 
-Prints examples/second (training steps only; evaluation excluded) and the ratios b/a and c/a.
+Prints examples/second (training steps only; evaluation excluded) and the ratios b/a, c/a and e/c.
 Target: c/a ≥ 0.9 — with cached logits, distillation should cost about as much as fine-tuning alone.
 (d)/(c) says whether bf16 autocast pays on this CPU: it pays only with native bf16 (AVX-512 BF16 / AMX).
-Rounds alternate a, b, c so that machine noise hits all three alike; the median of the rounds is reported.
+(e)/(c) is the cost of the gradient shares (`--grad-share-batches`): a study measures them on one batch per
+evaluation, so its cost there is this per-batch cost divided by the batches in an interval.
+Rounds alternate the runs so that machine noise hits all alike; the median of the rounds is reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from sinkd_ray.config import DistillConfig, TrainConfig
-from sinkd_ray.models import load_student, offline_minilm_path
-from sinkd_ray.tasks import get_task
-from sinkd_ray.train import distill, prepare_teacher_cache
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sinkd_ray.config import DistillConfig, RunSpec, TrainConfig  # noqa: E402
+from sinkd_ray.models import load_student, offline_minilm_path  # noqa: E402
+from sinkd_ray.tasks import get_task  # noqa: E402
+from sinkd_ray.teacher_cache import LogitsRequest, cached_teacher_logits, load_teacher_logits  # noqa: E402
+from sinkd_ray.worker import distill  # noqa: E402
 
 
-def throughput(tcfg: TrainConfig, dcfg: DistillConfig, teacher_cache: dict | None) -> float:
+def throughput(spec: RunSpec, teacher_logits: torch.Tensor | None) -> float:
     seen: list[float] = []
-    distill(tcfg, dcfg, report=lambda metrics, _: seen.append(metrics["examples_per_s"]), teacher_cache=teacher_cache)
+    distill(
+        spec,
+        report=lambda metrics, _: seen.append(metrics["examples_per_s"]),
+        teacher_logits=teacher_logits,
+        checkpoint=False,
+    )
     return seen[0]
 
 
@@ -74,47 +86,53 @@ def main() -> None:
         max_train_examples=args.examples,
         max_eval_examples=32,
         eval_batch_size=32,
+        bf16=False,
+        grad_share_batches=0,
     )
     t0 = time.time()
-    cache = prepare_teacher_cache(base, work / "cache")
+    request = LogitsRequest(teacher, "cola", "train", args.data_dir, max_length=64, max_examples=args.examples)
+    cached = load_teacher_logits(cached_teacher_logits(request, work / "cache")[0])
     print(f"teacher logits cached in {time.time() - t0:.0f}s (once per study; not part of the step time)")
+    sinkd = DistillConfig(batch_size=args.batch_size)
+
+    def with_(**changes) -> TrainConfig:
+        return TrainConfig(**{**base.to_dict(), **changes})
+
     runs = {
         "a) CE fine-tuning": (
-            TrainConfig(**{**base.to_dict(), "teacher": None}),
-            DistillConfig(alpha=0.0, beta=0.0, batch_size=args.batch_size),
+            RunSpec(with_(teacher=None), DistillConfig(alpha=0.0, beta=0.0, batch_size=args.batch_size)),
             None,
         ),
-        "b) SinKD, live teacher": (
-            TrainConfig(**{**base.to_dict(), "teacher_source": "live"}),
-            DistillConfig(batch_size=args.batch_size),
-            None,
-        ),
-        "c) SinKD, cached logits": (base, DistillConfig(batch_size=args.batch_size), cache),
+        "b) SinKD, live teacher": (RunSpec(with_(teacher_source="live"), sinkd), None),
+        "c) SinKD, cached logits": (RunSpec(base, sinkd), cached),
+        "e) c) + shares every batch": (RunSpec(with_(grad_share_batches=10**6), sinkd), cached),
     }
     bf16_run = "d) c) + bf16 autocast"
     if args.bf16:
-        runs[bf16_run] = (
-            TrainConfig(**{**base.to_dict(), "bf16": True}),
-            DistillConfig(batch_size=args.batch_size),
-            cache,
-        )
+        runs[bf16_run] = (RunSpec(with_(bf16=True), sinkd), cached)
     results: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(args.rounds):
-        for name, (tcfg, dcfg, teacher_cache) in runs.items():
-            results[name].append(throughput(tcfg, dcfg, teacher_cache))
+        for name, (spec, logits) in runs.items():
+            results[name].append(throughput(spec, logits))
             print(f"  round {r + 1}: {name}: {results[name][-1]:.1f} examples/s", flush=True)
 
     median = {name: statistics.median(v) for name, v in results.items()}
-    a, b, c = list(median.values())[:3]
+    a, b, c = (median[k] for k in list(runs)[:3])
+    e = median["e) c) + shares every batch"]
     print(f"\nstudent: {student} (first {args.student_layers} layers), teacher: {teacher}")
     print(
-        f"CoLA, {args.examples} examples, b={args.batch_size}, max length 64, {args.threads} threads, "
-        f"median of {args.rounds} rounds"
+        f"CoLA, {args.examples} examples, b={args.batch_size}, max length 64, {args.threads} threads, float32 unless "
+        f"(d), median of {args.rounds} rounds"
     )
-    print(f"{'run':<28}{'examples/s':>12}{'ratio to a':>12}")
+    print(f"{'run':<30}{'examples/s':>12}{'ratio to a':>12}")
     for name, value in median.items():
-        print(f"{name:<28}{value:>12.1f}{value / a:>12.2f}")
+        print(f"{name:<30}{value:>12.1f}{value / a:>12.2f}")
     print(f"\nb/a = {b / a:.2f}   c/a = {c / a:.2f}   (target c/a ≥ 0.9: {'met' if c / a >= 0.9 else 'NOT met'})")
+    steps = args.examples // args.batch_size
+    print(
+        f"e/c = {e / c:.3f}: measuring the gradient shares costs {100 * (c / e - 1):.1f} % of a batch's time; a "
+        f"study measures one batch per evaluation ({steps} batches here: {100 * (c / e - 1) / steps:.2f} %)"
+    )
     if args.bf16:
         print(f"d/c = {median[bf16_run] / c:.2f}   (bf16 autocast over float32)")
 

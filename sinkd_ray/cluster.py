@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         help="on a worker, before `ray start`: torch sees the GPUs its node type declares ($RAY_OVERRIDE_RESOURCES) "
         "and runs a kernel on each",
     )
-    sub.add_parser("mlflow-server", help="on the head: start the MLflow tracking server (127.0.0.1:5000)")
+    server = sub.add_parser("mlflow-server", help="on the head: start the MLflow tracking server (127.0.0.1:5000)")
+    server.add_argument("--port", type=int, default=5000, help="its port on the loopback")
     args = parser.parse_args(argv)
     if args.command == "check":
         prepared = load_cluster_file(args.path)
@@ -409,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "check-gpus":
         print(f"check-gpus: {node_setup.check_declared_gpus()}")
     else:
-        print(f"MLflow server: {node_setup.start_mlflow_server()}")
+        print(f"MLflow server: {node_setup.start_mlflow_server(port=args.port)}")
     return 0
 
 

@@ -301,6 +301,8 @@ def _logits_on_a_worker(shipped: RunSpec):
             import torch
 
             torch.set_num_threads(threads)
+            # Ray prints this with the node's address: where the teacher ran
+            print(f"teacher logits for {request.task}/{request.split}: computing on this worker node ({device})")
             return request.compute(device)
 
         remote = replace(request, teacher=tcfg.teacher, data_dir=tcfg.data_dir)

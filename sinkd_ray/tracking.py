@@ -40,15 +40,18 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             "(a tracking server), sqlite:///<file>, postgresql://… or mysql://…"
         )
     if scheme in ("http", "https"):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-                response.read()
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise SinkdError(
-                f"--tracking-uri {uri}: no MLflow server answers ({reason}) — start it (mlflow server …) "
-                "or check the address"
-            ) from None
+        for attempt in range(3):  # a busy server (a loaded head) may miss one 5-s window; a closed port fails at once
+            try:
+                with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                    response.read()
+                break
+            except (urllib.error.URLError, OSError) as err:
+                reason = getattr(err, "reason", err)
+                if attempt == 2 or not isinstance(reason, TimeoutError):
+                    raise SinkdError(
+                        f"--tracking-uri {uri}: no MLflow server answers ({reason}) — start it (mlflow server …) "
+                        "or check the address"
+                    ) from None
     if scheme == "sqlite":
         folder = Path(uri[len("sqlite:///") :]).expanduser().parent
         if not (folder.is_dir() and os.access(folder, os.W_OK)):

@@ -249,6 +249,7 @@ class DistillRecipe:
             else None
         )
         self.fault_armed = tcfg.fault_at_step is not None and resume_dir is None
+        self._reset_shares()
         if resume_dir is not None:
             self._restore(resume_dir)
 

@@ -13,6 +13,35 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)
 
 
+def pytest_collection_finish(session):
+    """The cluster rehearsal (tests/rehearsal.py, minutes of mostly waiting for a late node) starts now, in its own
+    process, so that the rest of the suite runs beside it; tests/test_rehearsal.py reads its report last."""
+    import subprocess
+    import sys
+    import tempfile
+
+    if not any(item.nodeid.split("::")[0].endswith("test_rehearsal.py") for item in session.items):
+        return
+    out = Path(tempfile.mkdtemp(prefix="sinkd-rehearsal-out-"))
+    log = (out / "rehearsal.log").open("w")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "rehearsal.py"), "--out", str(out)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    session.config.sinkd_rehearsal = (process, out)
+
+
+def pytest_sessionfinish(session):
+    rehearsal = getattr(session.config, "sinkd_rehearsal", None)
+    if rehearsal and rehearsal[0].poll() is None:  # interrupted: it cleans up its namespaces on SIGTERM
+        rehearsal[0].terminate()
+        rehearsal[0].wait(timeout=60)
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (for gloo process groups and extra Ray runtimes)."""
     import socket
