@@ -36,6 +36,33 @@ def base_spec(space: SearchSpace, spec: RunSpec, typed: set[str]) -> RunSpec:
     return spec.with_values({k: v for k, v in space.fixed.items() if k not in typed})
 
 
+def without_typed(space: SearchSpace, typed: set[str]) -> SearchSpace:
+    """The space with the settings typed on the command line neither searched nor fixed by the file: a flag fixes
+    its setting for every trial (`base_spec` then keeps the flag's value). Said once per key the file searched."""
+    from dataclasses import replace
+
+    dropped = sorted(set(space.search) & typed)
+    for key in dropped:
+        print(f"--{key.replace('_', '-')} fixes {key} for every trial ({space.path} searched it)")
+    return replace(
+        space,
+        search={k: v for k, v in space.search.items() if k not in typed},
+        fixed={k: v for k, v in space.fixed.items() if k not in typed},
+    )
+
+
+def trial_settings(spec: RunSpec):
+    """config → every setting of that trial's run (its searched values on the study's spec), flat, for MLflow."""
+
+    def settings(config: dict) -> dict:
+        run = spec.with_values(
+            {k: v for k, v in config.items() if k in spec.train.to_dict() or k in spec.distill.to_dict()}
+        )
+        return {**run.train.to_dict(), **run.distill.to_dict()}
+
+    return settings
+
+
 def check_space(space: SearchSpace, spec: RunSpec) -> None:
     """Every value the space can give, combined with the base spec, passes `RunSpec`'s own checks (e.g. each
     batch size divisible by the workers): the rule lives in one place, the space is checked against it here."""

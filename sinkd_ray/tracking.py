@@ -19,6 +19,7 @@ from sinkd_ray.errors import SinkdError
 
 STUDY_TAG = "sinkd.study"
 TRIAL_TAG = "sinkd.trial_id"
+ROLE_TAG = "sinkd.role"  # the study's other nested runs: "teacher", "ce-baseline"
 
 
 # What a tracking URI may be (MLflow 3): a server, a database store, or Databricks. The file store is in
@@ -90,11 +91,18 @@ def code_version() -> str:
         return __version__
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view: these are training runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def parent_run(client: MlflowClient, experiment_id: str, study: str, tags: dict) -> str:
@@ -110,20 +118,59 @@ def parent_run(client: MlflowClient, experiment_id: str, study: str, tags: dict)
     return run.info.run_id
 
 
+# Tune's bookkeeping in every result (pid, timestamps, counters, the flattened config): not metrics to chart.
+TUNE_BOOKKEEPING = (
+    "done",
+    "trial_id",
+    "experiment_tag",
+    "should_checkpoint",
+    "training_iteration",
+    "time_this_iter_s",
+    "time_total_s",
+    "timestamp",
+    "pid",
+    "hostname",
+    "node_ip",
+    "date",
+    "time_since_restore",
+    "timesteps_since_restore",
+    "iterations_since_restore",
+    "timesteps_total",
+    "episodes_total",
+    "config",
+    "checkpoint_dir_name",
+)
+
+
+def trial_metrics(result: dict) -> dict[str, float]:
+    """A Tune result without Tune's bookkeeping: the run's own numbers (dev metrics, losses, shares, speed)."""
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if k.split("/")[0] not in TUNE_BOOKKEEPING and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
 class TrialRunsCallback(MLflowLoggerCallback):
-    """Tune's MLflow logger, with each trial's run nested under the study's parent run.
+    """Tune's MLflow logger, with each trial's run nested under the study's parent run, every setting of the run
+    as its params (``settings``: the trial's config → all its settings) and only the run's own metrics.
 
     Tune's own callback forgets its runs when a study is restored and would open a second run for every
     resumed trial; here a trial's run is looked up by its trial id first, so resuming adds no duplicates.
     """
 
-    def __init__(self, tracking_uri: str, experiment_name: str, parent_run_id: str, tags: dict):
+    def __init__(self, tracking_uri: str, experiment_name: str, parent_run_id: str, tags: dict, settings=None):
         super().__init__(
             tracking_uri=tracking_uri,
             experiment_name=experiment_name,
             tags={**tags, MLFLOW_PARENT_RUN_ID: parent_run_id},
         )
         self.parent_run_id = parent_run_id
+        self.settings = settings
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        step = result.get("training_iteration") or iteration
+        self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=trial_metrics(result), step=step)
 
     def log_trial_start(self, trial) -> None:
         if trial not in self._trial_runs:
@@ -143,6 +190,9 @@ class TrialRunsCallback(MLflowLoggerCallback):
                 self._trial_runs[trial] = run.info.run_id
         if not self.log_params_on_trial_end:
             self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=trial.config)
+            if self.settings is not None:  # the settings the search left alone (α, τ, λ, b, epochs, model ids, …)
+                rest = {k: v for k, v in self.settings(trial.config).items() if k not in trial.config}
+                self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=rest)
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         if trial not in self._trial_runs:  # it failed before it started: give it a run that says so
@@ -158,13 +208,20 @@ def trial_run_ids(client: MlflowClient, experiment_id: str, parent_run_id: str) 
     return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
 
 
-def register_student(client: MlflowClient, name: str, run_id: str, student_dir: Path, alias: str = "best") -> str:
-    """Log ``student_dir`` as the run's ``student`` artifacts and register them as a version of ``name``; a run
-    already registered (a resumed study finishing again) keeps its one version, which gets the alias again.
-
-    MLflow 3's ``mlflow.register_model("runs:/…")`` refuses plain artifacts (no logged model), so the
-    version is created from the artifact URI directly.
-    """
+def register_student(
+    client: MlflowClient,
+    name: str,
+    run_id: str,
+    log_model,
+    *,
+    alias: str = "best",
+    tags: dict | None = None,
+    description: str = "",
+) -> str:
+    """Register the student logged into run ``run_id`` (``log_model()``: logs it into the active run, returns its
+    model URI) as a version of ``name`` with ``tags`` and ``description`` (its model card), and point ``alias``
+    at it. A run already registered (a resumed study finishing again) keeps its one version: only its tags,
+    description and the alias are set again."""
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
@@ -173,9 +230,13 @@ def register_student(client: MlflowClient, name: str, run_id: str, student_dir: 
     if existing:
         version = existing[0].version
     else:
-        client.log_artifacts(run_id, str(student_dir), artifact_path="student")
-        source = f"{client.get_run(run_id).info.artifact_uri}/student"
-        version = client.create_model_version(name, source=source, run_id=run_id).version
+        mlflow.set_tracking_uri(client.tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            model_uri = log_model()
+        version = client.create_model_version(name, source=model_uri, run_id=run_id).version
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(name, version, key, str(value))
+    client.update_model_version(name, version, description=description)
     client.set_registered_model_alias(name, alias, version)
     return version
 
@@ -258,8 +319,31 @@ class StudyRuns:
         for key, value in params.items():
             self.client.log_param(self.parent_id, key, value)
 
-    def callback(self) -> TrialRunsCallback:
-        return TrialRunsCallback(self.client.tracking_uri, self.experiment, self.parent_id, self.tags)
+    def callback(self, settings=None) -> TrialRunsCallback:
+        return TrialRunsCallback(self.client.tracking_uri, self.experiment, self.parent_id, self.tags, settings)
+
+    def nested_run(self, name: str, params: dict, metrics: dict, tags: dict | None = None) -> str:
+        """A finished run under the study's parent (the teacher, the CE-only student): found again by name when
+        the study is resumed, so it is not duplicated."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}' and tags.`{ROLE_TAG}` = '{name}'",
+        )
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            tags = {**self.tags, **(tags or {}), MLFLOW_PARENT_RUN_ID: self.parent_id, ROLE_TAG: name}
+            run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+            for key, value in params.items():
+                self.client.log_param(run_id, key, str(value)[:6000])
+        for key, value in metrics.items():
+            self.client.log_metric(run_id, key, float(value))
+        self.client.set_terminated(run_id, status="FINISHED")
+        return run_id
+
+    def log_metrics(self, metrics: dict) -> None:
+        for key, value in metrics.items():
+            self.client.log_metric(self.parent_id, key, float(value))
 
     def end_unfinished(self, finished_trials: set[str]) -> None:
         end_unfinished(self.client, self.experiment_id, self.parent_id, finished_trials)
@@ -267,9 +351,9 @@ class StudyRuns:
     def log_summary(self, board, metric: str, out_dir: Path, distributions: dict) -> None:
         log_study_summary(self.client, self.parent_id, board, distributions, metric, out_dir)
 
-    def register(self, model_name: str, trial_id: str, student_dir: Path) -> str:
+    def register(self, model_name: str, trial_id: str, log_model, tags: dict, description: str) -> str:
         runs = trial_run_ids(self.client, self.experiment_id, self.parent_id)
-        return register_student(self.client, model_name, runs[trial_id], student_dir)
+        return register_student(self.client, model_name, runs[trial_id], log_model, tags=tags, description=description)
 
     def finish(self, status: str, *, best_id: str | None = None, best_metric: float | None = None) -> None:
         if best_id is not None:
@@ -277,8 +361,16 @@ class StudyRuns:
             self.client.set_tag(self.parent_id, "best_trial_id", best_id)
         self.client.set_terminated(self.parent_id, status=status)
 
-    def browse_hint(self) -> str:
+    def browse_hint(self, model_name: str | None = None) -> str:
         uri = self.client.tracking_uri
-        if uri.startswith("sqlite:///"):
-            return f"browse it: mlflow ui --backend-store-uri {uri}"
-        return f"browse it: open {uri} (experiment {self.experiment})"
+        hint = (
+            f"browse it: mlflow ui --backend-store-uri {uri}"
+            if uri.startswith("sqlite:///")
+            else f"browse it: open {uri} (experiment {self.experiment})"
+        )
+        if model_name:
+            hint += (
+                f'\nload it:   MLFLOW_TRACKING_URI={uri} python -c "import mlflow; '
+                f"print(mlflow.pyfunc.load_model('models:/{model_name}@best').predict(['a sentence']))\""
+            )
+        return hint

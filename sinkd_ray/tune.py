@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from sinkd_ray import study, tracking
 from sinkd_ray.cli import add_config_args, config_from_args, explicit_dests, parse_args, run_cli
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(parser, StudyConfig, group="study")
     add_config_args(parser, RuntimeConfig, group="runtime")
     add_config_args(parser, TrainConfig, group="runs (every trial)")
+    add_config_args(
+        parser,
+        DistillConfig,
+        group="objective (a flag typed here fixes that setting for every trial, also where the search space "
+        "searches or fixes it)",
+    )
     # The paper's setting: BERT-base teacher, a 6-layer BERT student (its first 6 layers).
     parser.set_defaults(student="google-bert/bert-base-uncased", student_layers=6)
     return parser
@@ -67,9 +74,10 @@ def _main(argv: list[str]) -> int:
     args = parse_args(parser, argv)
     cfg, runtime = config_from_args(StudyConfig, args), config_from_args(RuntimeConfig, args)
     task = get_task(args.task)
-    space = load_search_space(cfg.search_space, task.name)
+    typed = explicit_dests(parser, argv)
+    space = study.without_typed(load_search_space(cfg.search_space, task.name), typed)
     spec = study.base_spec(
-        space, RunSpec(config_from_args(TrainConfig, args), DistillConfig()), explicit_dests(parser, argv)
+        space, RunSpec(config_from_args(TrainConfig, args), config_from_args(DistillConfig, args)), typed
     )
     study.check_space(space, spec)
     layout = StorageLayout.at(runtime.storage_path)
@@ -101,10 +109,15 @@ def _main(argv: list[str]) -> int:
         runs.log_params({**space.fixed, "num_trials": num_trials, "sampler": space.sampler})
     max_t = study.max_evaluations(space, prepared.spec, _train_examples(prepared.spec))
     t0 = time.time()
-    outcome = study.fit_study(cfg, space, prepared, name, num_trials, [runs.callback()], max_t)
+    settings = study.trial_settings(prepared.spec)
+    outcome = study.fit_study(cfg, space, prepared, name, num_trials, [runs.callback(settings)], max_t)
     if outcome.interrupted:
         return _interrupted(runs, layout, name)
-    return _summarise(outcome.results, runs, prepared, cfg, space, name, time.time() - t0)
+    try:
+        return _summarise(outcome.results, runs, prepared, cfg, space, name, time.time() - t0)
+    except BaseException:  # nothing is left RUNNING: the trials ended; the parent says the summary failed
+        runs.finish("FAILED")
+        raise
 
 
 def _study_name(cfg: StudyConfig, layout: StorageLayout, task: str) -> str:
@@ -159,42 +172,128 @@ def _interrupted(runs, layout: StorageLayout, name: str) -> int:
 
 
 def _summarise(results, runs, prepared, cfg: StudyConfig, space, name: str, elapsed: float) -> int:
-    """The best trial's student exported and registered; the leaderboard and plots logged; a short report."""
+    """The best trial's student exported; the teacher and the CE-only student as nested runs and the table's figures
+    as metrics of the parent; the student registered as an MLflow model with its model card; a short report."""
     import ray.train
 
     layout, spec = prepared.layout, prepared.spec
+    task = get_task(spec.train.task)
     board = study.leaderboard(results)
     errors = [study.trial_error(r.error) for r in results if r.error is not None]
     if board.empty:
         runs.finish("FAILED")
         raise SinkdError(f"no trial finished an evaluation ({'; '.join(errors)[:500] or 'see the log above'})")
     best = board.iloc[0]
-    best_id = best["trial_id"]
+    best_id, best_metric = best["trial_id"], float(best[study.METRIC])
     student_dir = layout.study_export_dir(name)
-    metrics = export_best(ray.train.Result.from_path(layout.trial_run_dir(name, best_id)), student_dir)
+    print(f"\nexporting the best trial's student ({best_id}) to {student_dir}", flush=True)
+    export_best(ray.train.Result.from_path(layout.trial_run_dir(name, best_id)), student_dir)
     runs.log_summary(board, study.METRIC, layout.study_summary_dir(name), space.optuna_space())
-    version = runs.register(f"sinkd-{spec.train.task}-student", best_id, student_dir) if cfg.register else None
-    runs.finish("FINISHED", best_id=best_id, best_metric=float(metrics["dev_metric"]))
+    params = {c[len("config/") :]: _plain(best[c]) for c in board.columns if c.startswith("config/")}
 
     stopped = study.stopped_early(results, spec)
-    params = {c[len("config/") :]: _plain(best[c]) for c in board.columns if c.startswith("config/")}
     print(
         f"\nstudy {name}: {len(board)} trials in {elapsed / 60:.1f} min"
         + (f", {stopped} stopped early by ASHA" if stopped is not None else "")
         + (f", {len(errors)} failed ({errors[0]})" if errors else "")
     )
-    print(f"best trial {best_id}: dev {get_task(spec.train.task).metric} = {best[study.METRIC]:.4f}")
+    print(f"best trial {best_id}: dev {task.metric} = {best_metric:.4f}")
     print("best hyper-parameters: " + json.dumps(params))
     print(f"best student: {student_dir}")
-    if version:
-        print(f"registered model: sinkd-{spec.train.task}-student version {version} (alias 'best')")
-    baseline = _ce_baseline(prepared, params, name) if cfg.ce_baseline else None
-    if baseline is not None:
-        runs.log_params({"ce_baseline": True})
-        runs.client.log_metric(runs.parent_id, "ce_baseline_dev_metric", baseline)
-    _outcome_table(prepared, float(best[study.METRIC]), baseline)
-    print(runs.browse_hint())
+
+    from sinkd_ray.driver import teacher_dev_score
+
+    teacher = teacher_dev_score(prepared)
+    runs.nested_run("teacher", _teacher_params(prepared, cfg), {"dev_metric": teacher})
+    baseline = _ce_baseline(prepared, params, name, runs) if cfg.ce_baseline else None
+    figures = _figures(teacher, best_metric, baseline)
+    runs.log_metrics(figures)
+    model_name = f"sinkd-{task.name}-student"
+    version = None
+    if cfg.register:
+        card = model_card(task, prepared, name, best_id, params, figures)
+        tags = model_tags(task, prepared, name, best_id, params, best_metric)
+        version = runs.register(model_name, best_id, _log_model(student_dir, task, prepared, card), tags, card)
+        print(f"registered model: {model_name} version {version} (alias 'best')")
+    runs.finish("FINISHED", best_id=best_id, best_metric=best_metric)
+    _outcome_table(task.metric, figures)
+    print(runs.browse_hint(model_name if version else None))
     return 0
+
+
+def _figures(teacher: float, best: float, baseline: float | None) -> dict[str, float]:
+    """The table's numbers, as the parent run's metrics: teacher, best student, CE-only, the share of the gap closed."""
+    figures = {"teacher_dev_metric": teacher, "best_dev_metric": best}
+    if baseline is not None:
+        figures["ce_baseline_dev_metric"] = baseline
+        if teacher > baseline:
+            figures["gap_closed"] = (best - baseline) / (teacher - baseline)
+    return figures
+
+
+def _teacher_params(prepared, cfg: StudyConfig) -> dict:
+    tcfg = prepared.local_spec.train
+    params = {
+        "teacher": tcfg.teacher,
+        "task": tcfg.task,
+        "max_length": tcfg.max_length,
+        "logit_space": tcfg.logit_space,
+    }
+    if Path(tcfg.teacher).parent == prepared.layout.work_dir / "teachers":  # fine-tuned here from --teacher-base
+        params.update(teacher_base=cfg.teacher_base, teacher_epochs=cfg.teacher_epochs, teacher_lr=cfg.teacher_lr)
+    return params
+
+
+def _objective(distill: DistillConfig, params: dict) -> str:
+    d = distill.to_dict() | params
+    term = "none" if not distill.distribution_on else f"{d['distribution_term']} ({d['sinkhorn_variant']})"
+    weight = f"share ρ {d['sd_share']:g}" if d["sd_weighting"] == "share" else f"β {d['beta']:g}"
+    return f"(1−α)·CE + α·KL + {weight}·{term}, α {d['alpha']:g}, τ_KL {d['tau_kl']:g}, b {d['batch_size']}"
+
+
+def model_tags(task, prepared, study_name: str, trial_id: str, params: dict, metric: float) -> dict:
+    """What a user filters the registry on."""
+    tcfg = prepared.local_spec.train
+    return {
+        "task": task.name,
+        "teacher": tcfg.teacher,
+        "student": f"{tcfg.student}" + (f" (first {tcfg.student_layers} layers)" if tcfg.student_layers else ""),
+        "objective": _objective(prepared.spec.distill, params),
+        f"dev_{task.metric}": f"{metric:.4f}",
+        "study": study_name,
+        "trial": trial_id,
+    }
+
+
+def model_card(task, prepared, study_name: str, trial_id: str, params: dict, figures: dict) -> str:
+    """The model version's description: what the student is and the study's table."""
+    tags = model_tags(task, prepared, study_name, trial_id, params, figures["best_dev_metric"])
+    rows = [("teacher", "teacher_dev_metric"), (f"this student (trial {trial_id})", "best_dev_metric")]
+    rows += [("CE-only student, same settings", "ce_baseline_dev_metric")]
+    table = "\n".join(f"| {label} | {figures[key]:.4f} |" for label, key in rows if key in figures)
+    gap = ""
+    if "gap_closed" in figures:
+        gap = f"\n\nGap closed: {100 * figures['gap_closed']:.0f} % ((student − CE-only) / (teacher − CE-only))."
+    return (
+        f"SinKD-distilled student for {task.name}, study {study_name}.\n\n"
+        f"Student: {tags['student']}. Teacher: {tags['teacher']}.\nObjective: {tags['objective']}.\n"
+        f"Best hyper-parameters: {json.dumps(params)}.\n\n| | dev {task.metric} |\n|---|---|\n{table}{gap}"
+    )
+
+
+def _log_model(student_dir, task, prepared, card: str):
+    """What the registry calls inside the best trial's run: log the student as an MLflow model."""
+    from sinkd_ray.data import load_split
+    from sinkd_ray.serving import log_student
+
+    def log() -> str:
+        dev = load_split(task, "dev", prepared.local_spec.train.data_dir)
+        rows = [dev[i] for i in range(min(2, len(dev)))]
+        fields = task.text_fields
+        examples = [r[fields[0]] if len(fields) == 1 else {f: r[f] for f in fields} for r in rows]
+        return log_student(student_dir, task, examples, card)
+
+    return log
 
 
 def ce_baseline_spec(spec: RunSpec, params: dict) -> RunSpec:
@@ -204,9 +303,9 @@ def ce_baseline_spec(spec: RunSpec, params: dict) -> RunSpec:
     return RunSpec(replace(spec.train, teacher=None), spec.distill)
 
 
-def _ce_baseline(prepared, params: dict, name: str) -> float:
+def _ce_baseline(prepared, params: dict, name: str, runs) -> float:
     """One CE-only student (α = β = γ = 0) with the best trial's other settings: what the student reaches without
-    the teacher, at the same budget."""
+    the teacher, at the same budget. A nested run of the study (its settings and best evaluation)."""
     from sinkd_ray.checkpoints import METRICS_FILE, load_json
     from sinkd_ray.driver import PrintProgress, best_checkpoint_dir, fit_run
 
@@ -214,26 +313,22 @@ def _ce_baseline(prepared, params: dict, name: str) -> float:
     print("\nCE-only baseline: the best trial's settings without the teacher (α = β = γ = 0)")
     baseline = replace(prepared, spec=spec, teacher_logits=None, driver_spec=None)
     result = fit_run(baseline, f"{name}-ce-baseline", callbacks=[PrintProgress()])
-    return float(load_json(best_checkpoint_dir(result) / METRICS_FILE)["dev_metric"])
+    metrics = load_json(best_checkpoint_dir(result) / METRICS_FILE)
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    runs.nested_run("ce-baseline", study.trial_settings(spec)({}), numeric)
+    return float(metrics["dev_metric"])
 
 
-def _outcome_table(prepared, best: float, baseline: float | None) -> None:
+def _outcome_table(metric: str, figures: dict) -> None:
     """Teacher, best student, CE-only student and the share of the gap closed, in a few lines."""
-    from sinkd_ray.driver import teacher_dev_score
-
-    metric = get_task(prepared.spec.train.task).metric
-    teacher = teacher_dev_score(prepared)
-    rows = [("teacher", teacher), ("best student", best)] + (
-        [("CE-only student", baseline)] if baseline is not None else []
-    )
+    rows = [("teacher", "teacher_dev_metric"), ("best student", "best_dev_metric")]
+    rows += [("CE-only student", "ce_baseline_dev_metric")]
     print(f"\n{'':18}dev {metric}")
-    for label, value in rows:
-        print(f"{label:18}{value:.4f}")
-    if baseline is not None and teacher > baseline:
-        print(
-            f"{'gap closed':18}{100 * (best - baseline) / (teacher - baseline):.0f} %  "
-            "((best − CE-only) / (teacher − CE-only))"
-        )
+    for label, key in rows:
+        if key in figures:
+            print(f"{label:18}{figures[key]:.4f}")
+    if "gap_closed" in figures:
+        print(f"{'gap closed':18}{100 * figures['gap_closed']:.0f} %  ((best − CE-only) / (teacher − CE-only))")
 
 
 def _plain(value):

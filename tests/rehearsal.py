@@ -474,6 +474,15 @@ class Rehearsal:
         ]
         version = client.get_model_version_by_alias("sinkd-cola-student", "best")
         self.report["registered"] = {"version": version.version, "source": version.source}
+        # the registered student through MLflow's own loader, its files fetched from the bucket via the server
+        code = (
+            "import json, mlflow; m = mlflow.pyfunc.load_model('models:/sinkd-cola-student@best'); "
+            "print(json.dumps(list(m.predict(['the man is good .', 'the dog is bad .'])['label'])))"
+        )
+        env = {**self.head_env, "MLFLOW_TRACKING_URI": self.mlflow}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        self.report["loaded_labels"] = json.loads(done.stdout.strip().splitlines()[-1])
 
     def run(self) -> None:
         self.root.mkdir(parents=True)

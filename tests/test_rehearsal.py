@@ -37,6 +37,8 @@ def test_the_readme_study_survives_nodes_that_share_nothing_join_late_and_die(re
     job_log = (out / "job.log").read_text()
     assert report["job_status"] == "SUCCEEDED", job_log[-3000:]
     assert "registered model: sinkd-cola-student" in job_log and report["registered"]["version"]
+    # the registered student loads with MLflow's own calls, its files from the bucket through the MLflow server
+    assert set(report["loaded_labels"]) <= {"acceptable", "unacceptable"} and len(report["loaded_labels"]) == 2
     # nothing the head has on disk is visible from a worker node; the bucket is
     assert report["isolation"]["visible"] == [] and report["isolation"]["bucket"] == "Directory"
     # the teacher was fine-tuned from a head-local base model and its logits computed on a worker node

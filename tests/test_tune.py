@@ -1,6 +1,7 @@
 """`python -m sinkd_ray.tune` end to end on tiny models: MLflow parent/child runs, registry, ASHA, resume,
 and one-line errors for bad input."""
 
+import json
 import os
 import signal
 import subprocess
@@ -80,6 +81,61 @@ def _study(argv, timeout=400) -> str:
     return proc.stdout
 
 
+def _fresh_process(tracking_uri: str, code: str, *args: str) -> dict:
+    """Run ``code`` in a new interpreter that knows only the tracking URI; its last line of output, as JSON."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd="/",
+        env={**env, "MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _served(tracking_uri: str, model_uri: str, inputs: list) -> dict:
+    """`mlflow models serve` on a free loopback port, asked once it answers /ping (a bounded loop), then stopped."""
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(MLFLOW_TRACKING_URI=tracking_uri, HF_HUB_OFFLINE="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # its uvicorn
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
+        + ["-h", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()[-2000:]
+                assert time.monotonic() < deadline, "the model server did not answer /ping in 180 s"
+                time.sleep(1)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": inputs}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        return json.loads(urllib.request.urlopen(request, timeout=60).read())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
 def _client(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -90,8 +146,16 @@ def _study_runs(client):
     exp = client.get_experiment_by_name("sinkd-cola")
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    children = [r for r in runs if "sinkd.trial_id" in r.data.tags]  # the trials (not the teacher's nested run)
     return parents, children
+
+
+def _nested(client) -> dict:
+    """The study's other nested runs by role: "teacher", "ce-baseline"."""
+    exp = client.get_experiment_by_name("sinkd-cola")
+    return {
+        r.data.tags["sinkd.role"]: r for r in client.search_runs([exp.experiment_id]) if "sinkd.role" in r.data.tags
+    }
 
 
 @pytest.mark.ray
@@ -105,13 +169,26 @@ def test_three_trial_study_tracks_registers_and_stops_early(
 
     client = _client(tmp_path)
     parents, children = _study_runs(client)
+    nested = _nested(client)
     assert len(parents) == 1 and len(children) == 4
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     for child in children:
-        assert {"lr", "alpha"} <= set(child.data.params)
+        # every setting of the run, not only the searched ones; the run's own metrics, not Tune's bookkeeping
+        assert {"lr", "alpha", "beta", "tau_kl", "tau_sd", "sinkhorn_lambda", "batch_size", "epochs", "student"} <= set(
+            child.data.params
+        )
+        assert child.data.params["student"] == str(tiny_bert_dir) and child.data.params["batch_size"] == "16"
         history = client.get_metric_history(child.info.run_id, "dev_metric")
-        assert len(history) >= 1 and "train_sd" in child.data.metrics
+        assert len(history) >= 1 and {"train_sd", "grad_share_sd", "examples_per_s"} <= set(child.data.metrics)
+        assert not {"pid", "timestamp", "done", "time_this_iter_s"} & set(child.data.metrics)
+        assert not [m for m in child.data.metrics if m.startswith("config/")]
         assert child.data.tags["task"] == "cola" and "code_version" in child.data.tags
+    # the teacher is a nested run with its dev metric; the table's figures are the parent's metrics
+    assert nested["teacher"].data.metrics["dev_metric"] == parents[0].data.metrics["teacher_dev_metric"]
+    best = max(m.value for c in children for m in client.get_metric_history(c.info.run_id, "dev_metric"))
+    assert parents[0].data.metrics["best_dev_metric"] == pytest.approx(best)
+    experiment = client.get_experiment_by_name("sinkd-cola")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the training view, not GenAI
     # ASHA (grace 1, reduction 2) cut at least one trial before its last epoch — and none of them crashed
     # (a crashed trial also stops early, so the statuses are checked too).
     iterations = [len(client.get_metric_history(c.info.run_id, "dev_metric")) for c in children]
@@ -123,21 +200,35 @@ def test_three_trial_study_tracks_registers_and_stops_early(
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "study")}
     assert {"study/leaderboard.csv", "study/parallel_coordinate.png"} <= artifacts
 
-    # The registered version loads with from_pretrained and reproduces the best reported dev metric.
-    import mlflow
+    # The registered version is an MLflow model: tags to filter on, a model card, MLflow's own loaders in a fresh
+    # process with only the tracking URI, and a model server answering on the loopback.
 
     version = client.get_model_version_by_alias("sinkd-cola-student", "best")
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=version.source, dst_path=str(tmp_path / "dl"), tracking_uri=client.tracking_uri
-    )
-    from sinkd_ray.data import load_split, tokenize_split
-    from sinkd_ray.worker import evaluate
+    assert {"task", "teacher", "objective", "dev_mcc", "study", "student"} <= set(version.tags)
+    assert version.tags["study"] == "s1" and "| teacher |" in version.description
+    from sinkd_ray.data import load_split
 
-    task = get_task("cola")
-    student = load_student(local, task)
-    dev = tokenize_split(load_split(task, "dev", str(tune_data_dir)), task, student.tokenizer, 32)
-    metrics = evaluate(student, task, dev, per_worker=20, rank=0, world=1, device=torch.device("cpu"), bf16=False)
-    assert metrics["mcc"] == pytest.approx(parents[0].data.metrics["best_dev_metric"], abs=1e-6)
+    dev = load_split(get_task("cola"), "dev", str(tune_data_dir))
+    (tmp_path / "dev.json").write_text(json.dumps(list(dev["sentence"])))
+    loaded = _fresh_process(
+        client.tracking_uri,
+        "import json, mlflow, sys\n"
+        "texts = json.load(open(sys.argv[1]))\n"
+        "model = mlflow.pyfunc.load_model('models:/sinkd-cola-student@best')\n"
+        "out = model.predict(texts)\n"
+        "pipe = mlflow.transformers.load_model('models:/sinkd-cola-student@best')\n"
+        "print(json.dumps({'labels': list(out['label']), 'pipeline': type(pipe).__name__}))\n",
+        str(tmp_path / "dev.json"),
+    )
+    assert set(loaded["labels"]) <= {"acceptable", "unacceptable"} and loaded["pipeline"].endswith("Pipeline")
+    # the registered model is the best student: its answers on dev give the best trial's reported metric
+    from sklearn.metrics import matthews_corrcoef
+
+    predicted = [["unacceptable", "acceptable"].index(label) for label in loaded["labels"]]
+    mcc = matthews_corrcoef(list(dev["label"]), predicted)
+    assert mcc == pytest.approx(parents[0].data.metrics["best_dev_metric"], abs=1e-6)
+    answer = _served(client.tracking_uri, "models:/sinkd-cola-student@best", ["the man is good ."])
+    assert answer["predictions"][0]["label"] in {"acceptable", "unacceptable"}
 
 
 @pytest.mark.ray
@@ -151,11 +242,23 @@ def test_tpe_study_with_a_diverging_trial_registers_a_finite_student(
     from safetensors.torch import load_file
 
     argv = _argv(
-        tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, "--num-trials", "3", "--name", "tpe", space_text=TPE_SPACE
+        tmp_path,
+        tiny_bert_dir,
+        tiny_teacher,
+        tune_data_dir,
+        "--num-trials",
+        "3",
+        "--name",
+        "tpe",
+        "--alpha",
+        "0.25",  # the space searches α in [0, 0.3]: the flag fixes it for every trial
+        space_text=TPE_SPACE,
     )
     out = _study(argv)
+    assert "--alpha fixes alpha for every trial" in out
     client = _client(tmp_path)
     _, children = _study_runs(client)
+    assert {c.data.params["alpha"] for c in children} == {"0.25"}
     lrs = {c.data.tags["sinkd.trial_id"]: float(c.data.params["lr"]) for c in children}
     assert len(lrs) == 3 and {1e-2, 1e30} <= set(lrs.values())  # seed 0: TPE tried both
     for child in children:
@@ -241,7 +344,7 @@ def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(
     [
         (["--task", "stsb"], "STS-B, a regression task"),
         (["--task", "colaa"], "unknown task"),
-        (["--alpha", "1.5"], None),  # alpha is a search-space key, not a flag: argparse refuses it
+        (["--alpha", "1.5"], "alpha=1.5 is outside [0, 1]"),
         (["--epochs", "0"], "epochs=0 is outside [1, inf)"),
         (["--workers", "3"], "not divisible by workers=3"),
         (["--search-space", "nope"], "search space 'nope' not found"),
