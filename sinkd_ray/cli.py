@@ -132,6 +132,11 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     """Run ``main`` and turn a :class:`SinkdError` into ``error: <message>`` and exit code 2. Without ``argv``
     (the process's own command line) the process then ends, within ``$SINKD_EXIT_TIMEOUT_S`` (`_exit`)."""
     process = argv is None
+    if process:  # `kill`, a scheduler's stop, a closed terminal: the same graceful stop as Ctrl+C
+        import os
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
     try:
         code = main(argv)
     except SinkdError as exc:

@@ -699,6 +699,13 @@ class StudyConfig(ValidatedConfig):
     )
     teacher_epochs: int = field(default=3, metadata={"help": "epochs of the teacher's CE fine-tuning"})
     teacher_lr: float = field(default=3e-5, metadata={"help": "learning rate of the teacher's CE fine-tuning"})
+    teacher_max_train_examples: int | None = field(
+        default=None,
+        metadata={
+            "help": "fine-tune the teacher on the first N training examples (default: those the trials train on)",
+            "metavar": "N",
+        },
+    )
     tracking_uri: str | None = field(
         default=None,
         metadata={
@@ -731,6 +738,8 @@ class StudyConfig(ValidatedConfig):
             _check_number(name, getattr(self, name), low, integer=True)
         if self.num_trials is not None:
             _check_number("num_trials", self.num_trials, 1, integer=True)
+        if self.teacher_max_train_examples is not None:
+            _check_number("teacher_max_train_examples", self.teacher_max_train_examples, 1, integer=True)
         _check_number("teacher_lr", self.teacher_lr, 0.0, low_open=True)
         _check_bool("resume", self.resume)
         _check_bool("register", self.register)

@@ -90,6 +90,13 @@ def preflight(spec: RunSpec, *, max_batch_size: int | None = None, teacher_pendi
             f"{usable} training examples give no full step of {step} (batch size × grad_accum_steps) "
             "— use more examples (--max-train-examples) or a smaller batch"
         )
+    classes = set(train.select(range(usable))["label"])
+    if len(classes) < 2:
+        only = task.label_names[next(iter(classes))] if classes else "none"
+        raise SinkdError(
+            f"the {usable} training examples used hold one class only ({only!r}) — a classifier cannot learn from "
+            "them: check the train file (or use more of it: --max-train-examples)"
+        )
     return RunSpec(tcfg, spec.distill)
 
 

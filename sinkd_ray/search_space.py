@@ -75,6 +75,18 @@ class SearchSpace:
     search: dict[str, Param] = field(default_factory=dict)
     fixed: dict[str, Any] = field(default_factory=dict)
 
+    def digest(self) -> str:
+        """What the study searches and fixes (not where the file lives): changes when any of it does."""
+        import hashlib
+        import json
+
+        content = {
+            "sampler": self.sampler,
+            "search": {k: [p.kind, list(p.values)] for k, p in sorted(self.search.items())},
+            "fixed": {k: self.fixed[k] for k in sorted(self.fixed)},
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     def optuna_space(self) -> dict:
         return {name: p.optuna_distribution() for name, p in self.search.items()}
 

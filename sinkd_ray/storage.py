@@ -114,6 +114,32 @@ class StorageLayout:
     def study_summary_dir(self, study: str) -> Path:
         return self.work_dir / study / "summary"
 
+    def lock_study(self, study: str):
+        """Hold the study for this process (an flock the kernel releases when the process ends, however it ends):
+        a second command with the same --name at the same time is refused instead of writing over the first's
+        trials. On a cluster every study's driver runs on the head, whose disk holds the lock. Keep the returned
+        file open for as long as the study runs."""
+        import fcntl
+
+        path = self.work_dir / f".{study}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise SinkdError(
+                f"study '{study}' is running in another command right now (pid {holder}) — wait for it to end, or "
+                "give this one another --name"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        return handle
+
     # -------------------------------------------------------------------------------------------- MLflow
     def default_tracking_uri(self) -> str | None:
         """The embedded MLflow store: a SQLite file in a local root (a remote root needs a tracking server)."""
@@ -121,6 +147,36 @@ class StorageLayout:
 
     def artifact_location(self) -> str | None:
         return None if self.remote else Path(self.root, "mlartifacts").as_uri()
+
+
+# ------------------------------------------------------------------------------------------- disk space
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the filesystem holding ``path`` (its nearest existing parent)."""
+    import shutil
+
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def model_bytes(path_or_name: str | None) -> int:
+    """The weight files' size of a local model folder (``offline:`` names resolved), 0 when unknown (a hub id)."""
+    if not path_or_name:
+        return 0
+    from sinkd_ray.models import resolve_source
+
+    try:
+        folder = Path(resolve_source(path_or_name))
+    except SinkdError:
+        return 0
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
 
 
 # ----------------------------------------------------------------------------- inputs for other nodes

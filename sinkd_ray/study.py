@@ -187,6 +187,75 @@ def fit_study(
     return Outcome(results, guard.fired)
 
 
+def checkpoint_bytes(spec: RunSpec) -> int:
+    """About one checkpoint of the student: its weights and two AdamW moments (a student cut to its first layers
+    is smaller: this is the bound), plus 1 MiB of tokenizer, config and state files."""
+    from sinkd_ray.storage import model_bytes
+
+    return 3 * model_bytes(spec.train.student) + 2**20
+
+
+def space_needed(spec: RunSpec, concurrent: int, keep: int, teacher_base: str | None) -> int:
+    """What a study writes on its storage at most at once: each running trial's kept checkpoints plus the one being
+    written, a teacher fine-tuned here (its checkpoint and its export), and 16 MiB of Tune state, MLflow's store and
+    the summary's artefacts."""
+    from sinkd_ray.storage import model_bytes
+
+    teacher = 4 * model_bytes(teacher_base) if spec.train.teacher is None and teacher_base else 0
+    return concurrent * (keep + 1) * checkpoint_bytes(spec) + teacher + 16 * 2**20
+
+
+RESERVE_BYTES = 8 * 2**20  # held back on the storage while a study runs: what ending it cleanly needs
+
+
+class DiskWatch:
+    """While a study runs on local storage: when the free space there falls below ``low_bytes`` (about one more
+    checkpoint), stop the study the way Ctrl+C does — instead of letting every checkpoint fail, be retried and fill
+    the log with tracebacks. A reserve file of ``RESERVE_BYTES`` is held on the storage meanwhile and given back
+    first, so that Tune's state and MLflow's store (a SQLite file there too) can still be written when it stops.
+    ``tripped`` says it happened."""
+
+    def __init__(self, layout: StorageLayout, low_bytes: int, every_s: float = 2.0):
+        self.layout, self.low_bytes, self.every_s = layout, int(low_bytes), every_s
+        self.tripped, self.free = False, None
+        self._stop = None
+        self.reserve = None if layout.remote else Path(layout.root) / ".sinkd-reserve"
+
+    def _release(self) -> None:
+        if self.reserve is not None:
+            self.reserve.unlink(missing_ok=True)
+
+    def __enter__(self):
+        import os
+        import threading
+
+        from sinkd_ray.storage import free_bytes
+
+        if self.reserve is None:
+            return self
+        with self.reserve.open("wb") as out:
+            os.posix_fallocate(out.fileno(), 0, RESERVE_BYTES)
+        self._stop = threading.Event()
+
+        def watch() -> None:
+            while not self._stop.wait(self.every_s):
+                self.free = free_bytes(self.layout.root)
+                if self.free < self.low_bytes:
+                    self.tripped = True
+                    self._release()
+                    os.kill(os.getpid(), signal.SIGINT)  # Tune's own graceful stop
+                    return
+
+        threading.Thread(target=watch, name="sinkd-disk-watch", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._stop is not None:
+            self._stop.set()
+        self._release()
+        return False
+
+
 class InterruptGuard:
     """Whether Tune's SIGINT handler fired during ``fit``. Tune installs its own handler at the start of a run
     and, when it fires, puts back the one it found and returns normally — so a sentinel handler installed here

@@ -31,6 +31,7 @@ from sinkd_ray.models import (
     model_fingerprint,
     resolve_logit_space,
 )
+from sinkd_ray.progress import ProgressLine
 from sinkd_ray.tasks import Task, get_task
 
 
@@ -105,7 +106,10 @@ def compute_logits(teacher: LogitModel, tokenized, *, batch_size: int, bf16: boo
     sampler = GlobalBatchSampler(n, batch_size, shuffle=False, drop_last=False)
     loader = make_loader(tokenized, teacher.tokenizer, sampler)
     out: torch.Tensor | None = None
+    line, done = ProgressLine("teacher logits", n), 0
     for batch in loader:
+        line.update(done)
+        done += len(batch["idx"])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = (
                 teacher(

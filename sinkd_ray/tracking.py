@@ -6,6 +6,7 @@ artifacts beside it. Everything here takes a tracking URI, so a tracking server 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -57,7 +58,8 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         folder = Path(uri[len("sqlite:///") :]).expanduser().parent
         if not (folder.is_dir() and os.access(folder, os.W_OK)):
             raise SinkdError(f"--tracking-uri {uri}: the folder {folder} does not exist or is not writable")
-        open_store(uri)
+        if Path(uri[len("sqlite:///") :]).expanduser().exists():  # a new file cannot be corrupt: created later
+            open_store(uri)
 
 
 def open_store(uri: str) -> None:
@@ -170,7 +172,19 @@ class TrialRunsCallback(MLflowLoggerCallback):
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         step = result.get("training_iteration") or iteration
-        self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=trial_metrics(result), step=step)
+        with self._tolerated("a result"):
+            self.mlflow_util.log_metrics(
+                run_id=self._trial_runs[trial], metrics_to_log=trial_metrics(result), step=step
+            )
+
+    @contextlib.contextmanager
+    def _tolerated(self, what: str):
+        """A tracking store that cannot be written for a moment (its disk full, a server restarting) costs that
+        entry, said in one line, not the study: Tune would end it with a traceback."""
+        try:
+            yield
+        except Exception as err:  # sqlalchemy, HTTP and OS errors alike
+            print(f"MLflow: could not log {what} ({str(err).splitlines()[0][:160]}); the study goes on", flush=True)
 
     def log_trial_start(self, trial) -> None:
         if trial not in self._trial_runs:
@@ -195,9 +209,10 @@ class TrialRunsCallback(MLflowLoggerCallback):
                 self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=rest)
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
-        if trial not in self._trial_runs:  # it failed before it started: give it a run that says so
-            self.log_trial_start(trial)
-        super().log_trial_end(trial, failed=failed)
+        with self._tolerated("a trial's end"):
+            if trial not in self._trial_runs:  # it failed before it started: give it a run that says so
+                self.log_trial_start(trial)
+            super().log_trial_end(trial, failed=failed)
 
 
 def trial_run_ids(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, str]:
@@ -345,8 +360,8 @@ class StudyRuns:
         for key, value in metrics.items():
             self.client.log_metric(self.parent_id, key, float(value))
 
-    def end_unfinished(self, finished_trials: set[str]) -> None:
-        end_unfinished(self.client, self.experiment_id, self.parent_id, finished_trials)
+    def end_unfinished(self, finished_trials: set[str], status: str = "KILLED") -> None:
+        end_unfinished(self.client, self.experiment_id, self.parent_id, finished_trials, status)
 
     def log_summary(self, board, metric: str, out_dir: Path, distributions: dict) -> None:
         log_study_summary(self.client, self.parent_id, board, distributions, metric, out_dir)

@@ -82,13 +82,21 @@ def _main(argv: list[str]) -> int:
     study.check_space(space, spec)
     layout = StorageLayout.at(runtime.storage_path)
     name = _study_name(cfg, layout, task.name)
+    lock = layout.lock_study(name)  # noqa: F841 - held until this process ends
     tracking_uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or layout.default_tracking_uri()
     if tracking_uri is None:
         raise SinkdError("a remote --storage-path needs --tracking-uri (e.g. the cluster's MLflow server)")
     tracking.check_tracking_uri(tracking_uri)
     num_trials = cfg.num_trials or (space.grid_size() if space.sampler == "grid" else 8)
+    _check_free_space(layout, spec, cfg)
 
-    teacher_train = replace(spec.train, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, workers=1)
+    teacher_train = replace(
+        spec.train,
+        epochs=cfg.teacher_epochs,
+        lr=cfg.teacher_lr,
+        workers=1,
+        max_train_examples=cfg.teacher_max_train_examples or spec.train.max_train_examples,
+    )
     prepared = prepare_run(
         spec,
         layout,
@@ -105,12 +113,19 @@ def _main(argv: list[str]) -> int:
         layout.artifact_location(),
         _tags(prepared.spec, space),
     )
-    if not cfg.resume:
-        runs.log_params({**space.fixed, "num_trials": num_trials, "sampler": space.sampler})
+    if cfg.resume:
+        _check_same_space(runs, space, name)
+    else:
+        runs.log_params(
+            {**space.fixed, "num_trials": num_trials, "sampler": space.sampler, "search_space_digest": space.digest()}
+        )
     max_t = study.max_evaluations(space, prepared.spec, _train_examples(prepared.spec))
     t0 = time.time()
     settings = study.trial_settings(prepared.spec)
-    outcome = study.fit_study(cfg, space, prepared, name, num_trials, [runs.callback(settings)], max_t)
+    with study.DiskWatch(layout, low_bytes=study.checkpoint_bytes(prepared.local_spec) + 2**20) as disk:
+        outcome = study.fit_study(cfg, space, prepared, name, num_trials, [runs.callback(settings)], max_t)
+    if disk.tripped:
+        return _disk_full(runs, layout, name, disk.free)
     if outcome.interrupted:
         return _interrupted(runs, layout, name)
     try:
@@ -118,6 +133,36 @@ def _main(argv: list[str]) -> int:
     except BaseException:  # nothing is left RUNNING: the trials ended; the parent says the summary failed
         runs.finish("FAILED")
         raise
+
+
+def _check_same_space(runs, space, name: str) -> None:
+    """A resumed study searches what it started with: Tune restores its own searcher, so a changed file (or a flag
+    that now fixes a searched key) would be silently ignored for the trials still to come."""
+    started = runs.client.get_run(runs.parent_id).data.params.get("search_space_digest")
+    if started is not None and started != space.digest():
+        raise SinkdError(
+            f"the search space is not the one study {name} started with ({space.path} or the flags fixing its keys "
+            "changed) — resume with the original file and flags, or start a new study with another --name"
+        )
+
+
+def _check_free_space(layout: StorageLayout, spec: RunSpec, cfg: StudyConfig) -> None:
+    """Refuse at once a local storage that cannot hold what the study writes at its peak (`study.space_needed`)."""
+    from sinkd_ray.storage import free_bytes, mib
+
+    if layout.remote:
+        return
+    concurrent = min(cfg.max_concurrent_trials, cfg.num_trials or cfg.max_concurrent_trials)
+    need, free = (
+        study.space_needed(spec, concurrent, spec.train.checkpoints_to_keep, cfg.teacher_base),
+        free_bytes(layout.root),
+    )
+    if free < need:
+        raise SinkdError(
+            f"--storage-path {layout.root} has {mib(free)} free, and this study writes up to about {mib(need)} "
+            f"({concurrent} trial(s) × {spec.train.checkpoints_to_keep + 1} student checkpoints, the teacher's, "
+            "MLflow's store) — free space or choose another --storage-path"
+        )
 
 
 def _study_name(cfg: StudyConfig, layout: StorageLayout, task: str) -> str:
@@ -169,6 +214,26 @@ def _interrupted(runs, layout: StorageLayout, name: str) -> int:
         file=sys.stderr,
     )
     return 130
+
+
+def _disk_full(runs, layout: StorageLayout, name: str, free: int) -> int:
+    """The storage filled up mid-study: Tune saved the study; every open run ends FAILED, copies cut short are
+    removed, and the one line says how to continue once space is freed."""
+    from sinkd_ray.storage import mib
+
+    removed = study.sweep_partial_checkpoints(layout, name)  # first: it gives space back
+    statuses = study.finished_trials(layout.study_dir(name))
+    try:
+        runs.end_unfinished({t for t, s in statuses.items() if s in ("TERMINATED", "ERROR")}, status="FAILED")
+        unended = ""
+    except Exception:  # the store is on the full disk too: its runs read RUNNING until --resume takes them up
+        unended = ", its MLflow runs could not be marked FAILED (the store is on that disk)"
+    finished = sum(s == "TERMINATED" for s in statuses.values())
+    raise SinkdError(
+        f"the storage {layout.root} is full ({mib(free)} free): study {name} stopped with {finished} trial(s) "
+        f"finished, nothing registered{f', {removed} partial checkpoint copies removed' if removed else ''}"
+        f"{unended} — free space, then continue it with the same command plus --resume --name {name}"
+    )
 
 
 def _summarise(results, runs, prepared, cfg: StudyConfig, space, name: str, elapsed: float) -> int:

@@ -45,6 +45,7 @@ from sinkd_ray.hardware import describe_precision, resolve_bf16
 from sinkd_ray.models import LogitModel, load_student, load_student_skeleton, load_teacher
 from sinkd_ray.objective import sinkd_objective
 from sinkd_ray.online_teacher import OnlineTeacher
+from sinkd_ray.progress import ProgressLine
 from sinkd_ray.storage import localize
 from sinkd_ray.tasks import Task, compute_metrics, get_task
 
@@ -174,8 +175,10 @@ def evaluate(
     # Every worker must run the same number of (collective) FSDP forwards: for_eval pads the last batch with
     # repeated examples, dropped again below by example id.
     sampler = GlobalBatchSampler.for_eval(len(dev), per_worker * world, rank=rank, world_size=world)
+    line = ProgressLine("evaluating", len(dev), enabled=rank == 0)
     with torch.no_grad():
         for batch in make_loader(dev, student.tokenizer, sampler):
+            line.update(len(idx_all) * world)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = student(**model_inputs(batch, device))
             idx_all += batch["idx"].tolist()
@@ -439,6 +442,8 @@ class DistillRecipe:
         seen, train_time = 0, 0.0
         self._reset_shares()
         self.student.train()
+        line = ProgressLine("training", self.steps_per_epoch * tcfg.epochs, unit="steps", enabled=self.ctx.rank == 0)
+        examples_per_step = self.dcfg.batch_size * tcfg.grad_accum_steps
         while progress.epoch < tcfg.epochs:
             self.sampler.set_epoch(progress.epoch)
             batches = list(self.sampler)[progress.batch_in_epoch :]
@@ -450,6 +455,7 @@ class DistillRecipe:
                 progress.batch_in_epoch += 1
                 if progress.batch_in_epoch % tcfg.grad_accum_steps == 0:
                     self._optimizer_step()
+                    line.update(progress.step, f"epoch {progress.epoch + 1}/{tcfg.epochs}", examples_per_step)
                 train_time += time.perf_counter() - t0
                 if self.fault_armed and progress.step == tcfg.fault_at_step:
                     raise RuntimeError(f"injected fault at step {progress.step} (fault_at_step, testing only)")

@@ -1,6 +1,9 @@
 """Shared fixtures: the staged GLUE copy beside the repo, tiny models, one Ray runtime per session."""
 
 import os
+import re
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +84,47 @@ def tiny_study_argv(teacher, student, data_dir, space, storage, *extra: str) -> 
     }
     fixed = "--task cola --student-layers 2 --max-length 32 --eval-batch-size 20 --seed 0".split()
     return [*fixed, *(str(x) for pair in paths.items() for x in pair), *extra]
+
+
+# A line that says a study (or run) moved on: a training progress line, an evaluation, a trial starting or ending,
+# the teacher's logits, the summary. Tune's status table alone is not progress (it is printed while stuck, too).
+PROGRESS = re.compile(
+    r"^(?:\(.*\) )?(?:training: \d+/|epoch \S+ step \d+:|evaluating: |teacher logits|teacher: |Trial \S+ "
+    r"(?:started|completed|finished)|study \S+: \d+ trials|best trial|registered model|CE-only baseline)",
+)
+
+
+def run_watched(
+    command: list[str], log: Path, *, env: dict, stall_s: float = 300.0, limit_s: float = 3600.0, cwd=REPO
+) -> subprocess.CompletedProcess:
+    """Run ``command`` with its stdout in ``log`` and stderr beside it; fail only if it stops making progress (no
+    `PROGRESS` line for ``stall_s``: a hang, such as a worker group waiting for ever) or outlasts ``limit_s``. A
+    slow host is not a hang: the failure says which it was, with the last lines."""
+    err_log = log.with_suffix(".err")
+    env = {**env, "PYTHONUNBUFFERED": "1", "SINKD_PROGRESS_EVERY_S": "10"}
+    t0 = last = time.monotonic()
+    marks = 0
+    with log.open("w") as out, err_log.open("w") as err:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        while proc.poll() is None:
+            time.sleep(2)
+            lines = log.read_text(errors="replace").splitlines() + err_log.read_text(errors="replace").splitlines()
+            now_marks = sum(bool(PROGRESS.search(line)) for line in lines)
+            if now_marks > marks:
+                marks, last = now_marks, time.monotonic()
+            stalled, slow = time.monotonic() - last > stall_s, time.monotonic() - t0 > limit_s
+            if stalled or slow:
+                proc.kill()
+                proc.wait()
+                what = (
+                    f"stalled: no progress for {stall_s:.0f} s"
+                    if stalled
+                    else f"merely slow: still progressing after {limit_s:.0f} s"
+                )
+                pytest.fail(f"{' '.join(command[:3])} … {what} ({marks} progress lines)\n" + "\n".join(lines[-30:]))
+    return subprocess.CompletedProcess(
+        command, proc.returncode, log.read_text(errors="replace"), err_log.read_text(errors="replace")
+    )
 
 
 @pytest.fixture(scope="module")

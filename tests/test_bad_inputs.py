@@ -163,3 +163,98 @@ def test_a_command_ends_even_when_its_shutdown_hangs(tmp_path):
     proc, elapsed = _run([str(script)], timeout=60, SINKD_EXIT_TIMEOUT_S="3")
     assert proc.returncode == 0 and "teacher: dev mcc=0.5" in proc.stdout
     assert elapsed < 30 and "exiting without waiting further" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------- a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a chosen size (root only): a disk that fills up."""
+    mounts = []
+
+    def make(size: str) -> Path:
+        if os.geteuid() != 0:
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail("the full-disk test needs root (a tmpfs mount) on CI")
+            pytest.skip("the full-disk test needs root (a tmpfs mount)")
+        folder = tmp_path / f"disk-{len(mounts)}"
+        folder.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+        mounts.append(folder)
+        return folder
+
+    yield make
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+SPACE = "sampler: grid\nsearch:\n  lr: {choice: [1.0e-2, 3.0e-3, 1.0e-3]}\nfixed:\n  batch_size: 16\n  epochs: 12\n"
+
+
+def _runs_by_status(storage: Path) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sinkd-cola").experiment_id])
+    return {r.info.run_name: r.info.status for r in runs}
+
+
+def test_a_storage_too_small_for_the_study_is_refused_up_front(
+    tmp_path, small_disk, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
+    disk = small_disk("2m")
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    argv = tiny_study_argv(tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, space, disk / "runs")
+    proc, elapsed = _run(["-m", "sinkd_ray.tune", *argv])
+    line = _one_error_line(proc)
+    assert "MiB free, and this study writes up to about" in line and "free space or choose another" in line
+    assert elapsed < 60 and not (disk / "runs" / "mlflow.db").exists()
+
+
+@pytest.mark.ray
+def test_a_study_whose_storage_fills_up_ends_in_one_line_and_resumes_once_space_is_freed(
+    tmp_path, small_disk, ray_runtime, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
+    """The disk fills mid-study: one `error:` line within a minute (it used to print tracebacks and never end),
+    every MLflow run it opened FAILED, no checkpoint copy cut short left behind; with space freed, --resume ends
+    the study and registers its student."""
+    disk = small_disk("48m")
+    storage = disk / "runs"
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    argv = tiny_study_argv(tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, space, storage, "--name", "full")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    log = (tmp_path / "study.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sinkd_ray.tune", *argv],
+        cwd=REPO,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        stdout=log,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 600
+    while not list(storage.glob("full-train/trial_*/checkpoint_*/metrics.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
+        time.sleep(1)
+    filler = disk / "filler"
+    with filler.open("wb") as out:  # leave ~256 KiB: less than another checkpoint
+        free = shutil.disk_usage(disk).free - 256 * 1024
+        out.write(b"\0" * max(0, free))
+    filled_at = time.monotonic()
+    _, err = proc.communicate(timeout=300)
+    (tmp_path / "study.err").write_text(err)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+    line = _one_error_line(done)
+    assert "is full" in line and "--resume --name full" in line, line
+    assert time.monotonic() - filled_at < 60
+    statuses = _runs_by_status(storage)
+    assert "RUNNING" not in statuses.values() and statuses["full"] == "FAILED", statuses
+    for checkpoint in storage.glob("full-train/trial_*/checkpoint_*/"):  # every copy left is whole
+        assert (checkpoint / "metrics.json").is_file() and (checkpoint / "shards" / "rank0.safetensors").is_file()
+    filler.unlink()
+    resumed, _ = _run(
+        ["-m", "sinkd_ray.tune", *argv, "--resume"], timeout=900, **{"RAY_ADDRESS": os.environ["RAY_ADDRESS"]}
+    )
+    assert resumed.returncode == 0 and "registered model: sinkd-cola-student" in resumed.stdout, resumed.stderr[-3000:]
+    assert set(_runs_by_status(storage).values()) == {"FINISHED"}
