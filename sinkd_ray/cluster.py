@@ -115,10 +115,12 @@ def _check_software(config: dict, source: str, constraints: Path | None) -> None
         )
     if constraints and pin is None:
         raise SinkdError(f"{source}: {constraints} does not pin ray — the lock file every node installs is missing")
-    if pin and not image.startswith(f"rayproject/ray:{pin}-"):
+    prebuilt = re.search(rf"(^|/)sinkd-ray:{re.escape(pin or '')}-", image) if pin else None  # deploy/Dockerfile
+    if pin and not (image.startswith(f"rayproject/ray:{pin}-") or prebuilt):
         raise SinkdError(
             f"{source}: docker.image {image} is not Ray's image of the pinned ray=={pin} — use "
-            f"rayproject/ray:{pin}-py311-cu130 (a node on another Ray version never joins)"
+            f"rayproject/ray:{pin}-py311-cu130, or an image built from deploy/Dockerfile tagged "
+            f"sinkd-ray:{pin}-… (a node on another Ray version never joins)"
         )
     if not re.search(r"-(cu\d+|gpu)\b", image):
         raise SinkdError(

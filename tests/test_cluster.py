@@ -459,3 +459,14 @@ def test_check_gpus_wants_exactly_the_declared_gpus_and_a_kernel_on_each(declare
         with pytest.raises(SinkdError, match=match) as info:
             node_setup.check_declared_gpus()
         assert "\n" not in str(info.value)
+
+
+def test_a_prebuilt_image_of_the_pinned_ray_is_accepted_and_another_ray_is_not(filled):
+    """deploy/Dockerfile builds Ray's image of the pin with the project installed (docs/scaling.md, section 9)."""
+    ray_pin = next(line.split("==")[1] for line in CONSTRAINTS.read_text().splitlines() if line.startswith("ray=="))
+    filled["docker"]["image"] = f"123456789.dkr.ecr.us-west-2.amazonaws.com/sinkd-ray:{ray_pin}-py311-cu130"
+    _check(filled)
+    assert f"FROM rayproject/ray:{ray_pin}-py311-cu130" in (REPO / "deploy" / "Dockerfile").read_text()
+    filled["docker"]["image"] = "123456789.dkr.ecr.us-west-2.amazonaws.com/sinkd-ray:2.59.0-py311-cu130"
+    with pytest.raises(SinkdError, match="not Ray's image of the pinned"):
+        _check(filled)
