@@ -420,7 +420,11 @@ class TrainConfig(ValidatedConfig):
     """
 
     task: str = field(
-        default="cola", metadata={"help": "task name: cola, sst2, mrpc, qqp, mnli, qnli, rte, superglue-rte, cb"}
+        default="cola",
+        metadata={
+            "help": "task name: cola, sst2, mrpc, qqp, mnli, qnli, rte, superglue-rte, cb — or a task file of your own "
+            "data (task.yaml: README, 'Your own data')"
+        },
     )
     student: str | None = field(
         default=None,

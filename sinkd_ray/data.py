@@ -19,7 +19,6 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -31,7 +30,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from sinkd_ray.errors import SinkdError
 from sinkd_ray.hub import hub_reachable
-from sinkd_ray.tasks import Task, get_task
+from sinkd_ray.tasks import ReleaseFormat, Task, get_task
 
 DATA_DIR_ENV = "SINKD_DATA_DIR"
 _POINT_AT_LOCAL = (
@@ -41,73 +40,21 @@ _POINT_AT_LOCAL = (
 
 
 # ----------------------------------------------------------------------------------------------- local formats
-@dataclass(frozen=True)
-class _LocalFormat:
-    """How one task is laid out in its original release.
-
-    folder: directory name in the release (``CoLA``, ``SST-2``, …); files: our split -> file name;
-    columns: hub text field -> column in the file (a name, or a position for header-less files);
-    label_column: the label's column; label_is_name: labels are class names (else integer ids).
-    """
-
-    folder: str
-    files: dict[str, str]
-    columns: dict[str, str | int]
-    label_column: str | int
-    label_is_name: bool
-    has_header: bool = True
-    jsonl: bool = False
-
-
-_GLUE_FILES = {"train": "train.tsv", "dev": "dev.tsv"}
-_SUPERGLUE_FILES = {"train": "train.jsonl", "dev": "val.jsonl"}
-_FORMATS: dict[str, _LocalFormat] = {
-    # CoLA: no header; columns source, label, original mark, sentence.
-    "cola": _LocalFormat("CoLA", _GLUE_FILES, {"sentence": 3}, 1, label_is_name=False, has_header=False),
-    "sst2": _LocalFormat("SST-2", _GLUE_FILES, {"sentence": "sentence"}, "label", label_is_name=False),
-    # MRPC: the header starts with a UTF-8 BOM (read as utf-8-sig): Quality, #1 ID, #2 ID, #1 String, #2 String.
-    "mrpc": _LocalFormat(
-        "MRPC", _GLUE_FILES, {"sentence1": "#1 String", "sentence2": "#2 String"}, "Quality", label_is_name=False
-    ),
-    "qqp": _LocalFormat(
-        "QQP", _GLUE_FILES, {"question1": "question1", "question2": "question2"}, "is_duplicate", label_is_name=False
-    ),
-    "mnli": _LocalFormat(
-        "MNLI",
-        {"train": "train.tsv", "dev": "dev_matched.tsv", "dev_mismatched": "dev_mismatched.tsv"},
-        {"premise": "sentence1", "hypothesis": "sentence2"},
-        "gold_label",
-        label_is_name=True,
-    ),
-    "qnli": _LocalFormat(
-        "QNLI", _GLUE_FILES, {"question": "question", "sentence": "sentence"}, "label", label_is_name=True
-    ),
-    "rte": _LocalFormat(
-        "RTE", _GLUE_FILES, {"sentence1": "sentence1", "sentence2": "sentence2"}, "label", label_is_name=True
-    ),
-    "superglue-rte": _LocalFormat(
-        "RTE",
-        _SUPERGLUE_FILES,
-        {"premise": "premise", "hypothesis": "hypothesis"},
-        "label",
-        label_is_name=True,
-        jsonl=True,
-    ),
-    "cb": _LocalFormat(
-        "CB",
-        _SUPERGLUE_FILES,
-        {"premise": "premise", "hypothesis": "hypothesis"},
-        "label",
-        label_is_name=True,
-        jsonl=True,
-    ),
-}
+# Each benchmark task's release format is its own (`tasks.ReleaseFormat`, the task's ``release``).
 # Where users keep each benchmark below the data dir (the bare dir last: a GLUE `RTE/` there must not be
 # taken for SuperGLUE's unless it holds the .jsonl files, which the file check ensures).
 _BENCHMARK_DIRS = {
     "glue": ("", "glue", "GLUE", "glue_data"),
     "super_glue": ("superglue", "SuperGLUE", "super_glue", "super-glue", ""),
 }
+
+
+def _release(task: Task) -> ReleaseFormat:
+    if task.release is None:
+        raise SinkdError(
+            f"task {task.name} has no release format to read from --data-dir — give its files in its task file"
+        )
+    return task.release
 
 
 def _features(task: Task) -> datasets.Features:
@@ -138,9 +85,9 @@ def local_split_path(task: Task | str, split: str, data_dir: str | os.PathLike) 
     """The release file holding ``split`` of ``task`` under ``data_dir``; SinkdError naming the paths tried."""
     task = get_task(task)
     split = _canonical_split(task, split)
-    fmt = _FORMATS[task.name]
+    fmt = _release(task)
     root = Path(data_dir).expanduser()
-    file_name = fmt.files[split]
+    file_name = dict(fmt.files)[split]
     candidates = [root / sub / fmt.folder / file_name for sub in _BENCHMARK_DIRS[task.benchmark]]
     if root.name.lower() == fmt.folder.lower():  # data_dir is the task folder itself
         candidates.append(root / file_name)
@@ -154,7 +101,7 @@ def local_split_path(task: Task | str, split: str, data_dir: str | os.PathLike) 
                 if folder.name.lower() == fmt.folder.lower() and (folder / file_name).is_file():
                     return folder / file_name
     expected = f"{fmt.folder}/{file_name}" if task.benchmark == "glue" else f"superglue/{fmt.folder}/{file_name}"
-    contents = ", ".join(fmt.files.values())
+    contents = ", ".join(dict(fmt.files).values())
     raise SinkdError(
         f"no local {task.name} {split} file under {root}: looked for {', '.join(str(p) for p in candidates)} — "
         f"the data dir should contain {expected} (the {fmt.folder}/ folder of the original "
@@ -163,7 +110,7 @@ def local_split_path(task: Task | str, split: str, data_dir: str | os.PathLike) 
     )
 
 
-def _read_rows(path: Path, fmt: _LocalFormat) -> Iterator[tuple[int, dict | list]]:
+def _read_rows(path: Path, fmt: ReleaseFormat) -> Iterator[tuple[int, dict | list]]:
     """(line number, row) pairs: dicts for headed TSV / JSONL, lists for header-less TSV."""
     # Hand-rolled instead of pandas: GLUE TSVs must be read with quoting off (sentences hold unbalanced `"`),
     # and csv with QUOTE_NONE is how GLUE's own and the hub's loaders read them; utf-8-sig drops MRPC's BOM.
@@ -192,7 +139,7 @@ def _read_rows(path: Path, fmt: _LocalFormat) -> Iterator[tuple[int, dict | list
                 yield reader.line_num, dict(zip(header, row))
 
 
-def _read_rows_checked(path: Path, fmt: _LocalFormat) -> Iterator[tuple[int, dict | list]]:
+def _read_rows_checked(path: Path, fmt: ReleaseFormat) -> Iterator[tuple[int, dict | list]]:
     """`_read_rows`, with a binary or non-UTF-8 file reported as one line."""
     try:
         yield from _read_rows(path, fmt)
@@ -206,7 +153,7 @@ def _read_rows_checked(path: Path, fmt: _LocalFormat) -> Iterator[tuple[int, dic
         ) from None
 
 
-def _label_parser(task: Task, fmt: _LocalFormat, path: Path) -> Callable[[object, int], int]:
+def _label_parser(task: Task, fmt: ReleaseFormat, path: Path) -> Callable[[object, int], int]:
     ids = {name: i for i, name in enumerate(task.label_names)}
 
     def parse(raw: object, line_no: int) -> int:
@@ -224,17 +171,17 @@ def read_local_split(task: Task | str, split: str, data_dir: str | os.PathLike) 
     """``split`` of ``task`` read from its original release file under ``data_dir`` (see module doc)."""
     task = get_task(task)
     split = _canonical_split(task, split)
-    fmt = _FORMATS[task.name]
+    fmt = _release(task)
     path = local_split_path(task, split, data_dir)
     parse_label = _label_parser(task, fmt, path)
     columns = {field: [] for field in task.text_fields}
     labels = []
     for line_no, row in _read_rows_checked(path, fmt):
         try:
-            values = {field: row[col] for field, col in fmt.columns.items()}
+            values = {field: row[col] for field, col in fmt.columns}
             raw_label = row[fmt.label_column]
         except (KeyError, IndexError):
-            wanted = [*fmt.columns.values(), fmt.label_column]
+            wanted = [*dict(fmt.columns).values(), fmt.label_column]
             raise SinkdError(
                 f"{path}:{line_no} lacks a column among {wanted} — is this the original {fmt.folder} release file?"
             ) from None
@@ -314,6 +261,10 @@ def load_split(task: Task | str, split: str, data_dir: str | os.PathLike | None 
     label: int, the hub's class id (``task.label_names[label]``); idx: int, row position 0..n-1.
     """
     task = get_task(task)
+    if task.files is not None:  # a task of the user's own: its own files or hub dataset
+        from sinkd_ray.task_files import read_split
+
+        return read_split(task, _canonical_split(task, split))
     data_dir = data_dir if data_dir not in (None, "") else os.environ.get(DATA_DIR_ENV) or None
     if data_dir is not None:
         return read_local_split(task, split, data_dir)

@@ -331,9 +331,29 @@ def _ship_inputs(spec: RunSpec, layout: StorageLayout, teacher_elsewhere: bool) 
         changes["student"] = ship(Path(tcfg.student), layout)
     if teacher_elsewhere and tcfg.teacher and Path(tcfg.teacher).is_dir():
         changes["teacher"] = ship(Path(tcfg.teacher), layout)
-    if tcfg.data_dir and Path(tcfg.data_dir).is_dir():
+    task = get_task(tcfg.task)
+    if task.files is not None and task.files.hub is None:  # a task of the user's own: its file and its data
+        changes["task"] = f"{ship(_own_task_folder(task), layout)}/task.yaml"
+    elif tcfg.data_dir and Path(tcfg.data_dir).is_dir():
         changes["data_dir"] = ship(_task_files(tcfg), layout)
     return RunSpec(replace(tcfg, **changes), spec.distill) if changes else spec
+
+
+def _own_task_folder(task: Task) -> Path:
+    """A task file of the user's own with its data files beside it, named as the copy's task file says."""
+    import yaml
+
+    folder = Path(tempfile.mkdtemp(prefix="sinkd-task-")) / f"{task.name}-task"
+    folder.mkdir()
+    raw = yaml.safe_load(Path(task.files.path).read_text(encoding="utf-8"))
+    for split in ("train", "dev"):
+        source = getattr(task.files, split)
+        if source:
+            target = f"{split}{Path(source).suffix}"
+            shutil.copy2(source, folder / target)
+            raw[split] = target
+    (folder / "task.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return folder
 
 
 def _task_files(tcfg: TrainConfig) -> Path:

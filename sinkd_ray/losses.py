@@ -46,7 +46,6 @@ SINKHORN_MASSES = ("unit", "batch")
 SINKHORN_GRADS = ("unrolled", "envelope")
 SINKHORN_DOMAINS = ("auto", "exp", "log")
 SINKHORN_COSTS = ("auto", "exact", "support")
-DISTRIBUTION_TERMS = ("sinkhorn", "rkl", "js", "tvd", "none")
 RANKING_KINDS = ("hinge", "logistic")
 
 # Named weightings of the Sinkhorn term: "unit" (plan mass 1, this project's default) and "released"
@@ -775,6 +774,12 @@ def ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with the gold labels, mean over samples (labels == -100 ignored). Logits (..., d)."""
     logits = _compute_dtype(student_logits)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+# The divergences that can take Sinkhorn's place as the β term (Table 4): per-sample averages at τ_SD, given
+# (student_logits, teacher_logits, tau). Adding one is one entry here; `objective` and `DistillConfig` read it.
+PER_SAMPLE_DIVERGENCES = {"rkl": rkl, "js": js, "tvd": tvd}
+DISTRIBUTION_TERMS = ("sinkhorn", *PER_SAMPLE_DIVERGENCES, "none")
 
 
 def ranking_loss(

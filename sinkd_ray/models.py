@@ -123,6 +123,12 @@ def _not_found(path_or_id: str | Path) -> SinkdError:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def uses_prompt(family: str) -> bool:
+    """Whether a family reads the task's prompt (the generative ones: the answer is a word) rather than the text
+    fields themselves (an encoder's classification head). The one place this rule lives."""
+    return family != "encoder"
+
+
 def detect_family(config: Any, family: str | None = None) -> str:
     """Which of `FAMILIES` a transformers config belongs to; an explicit ``family`` wins (after a check).
 
@@ -160,7 +166,9 @@ def resolve_logit_space(setting: str | None, family: str) -> str | None:
     return setting
 
 
-def label_token_ids(tokenizer: Any, words: tuple[str, ...] | list[str], family: str, template: str = "") -> list[int]:
+def label_token_ids(
+    tokenizer: Any, words: tuple[str, ...] | list[str], family: str, template: str = "", single_token: bool = False
+) -> list[int]:
     """Token id of each label word as the model would emit it first when answering.
 
     - encoder-decoder: the word opens the decoder output, so it is tokenized on its own (T5: ``"yes"`` → ``▁yes``);
@@ -170,8 +178,10 @@ def label_token_ids(tokenizer: Any, words: tuple[str, ...] | list[str], family: 
       BPE, SentencePiece and WordPiece alike.
 
     Multi-token words are read at their first sub-token; a whitespace-only leading piece (SentencePiece ``▁``)
-    is skipped. Two classes with the same first token raise `SinkdError`.
+    is skipped. Two classes with the same first token raise `SinkdError`; so does, with ``single_token``, a word of
+    several tokens (the label names of a task of the user's own stand in as words only when each is one).
     """
+    several: list[str] = []
     if family not in ("encoder-decoder", "decoder"):
         raise SinkdError(f"label words are only used by generative models, not by the '{family}' family")
     trailing_space = template[len(template.rstrip()) :]
@@ -193,7 +203,14 @@ def label_token_ids(tokenizer: Any, words: tuple[str, ...] | list[str], family: 
             pieces = pieces[1:]
         if not pieces:
             raise SinkdError(f"label word '{word}' tokenizes to nothing — use a non-empty verbalizer word")
+        if single_token and len(pieces) > 1:
+            several.append(word)
         ids.append(pieces[0])
+    if several:
+        raise SinkdError(
+            f"label(s) {several} are not one word for this tokenizer (each splits into several tokens) — give the "
+            "task file a verbalizer: {label: word} with one common word per class"
+        )
     seen: dict[int, str] = {}
     for word, token_id in zip(words, ids):
         if token_id in seen:
@@ -258,7 +275,7 @@ class LogitModel(nn.Module):
                 "logit_space='vocab' needs a generative model (encoder-decoder or decoder) — "
                 "an encoder has only its classification head: use logit_space='label'"
             )
-        if family != "encoder" and logit_space == "label" and not label_words:
+        if uses_prompt(family) and logit_space == "label" and not label_words:
             raise SinkdError(
                 f"a {family} model needs the task's verbalizer (label words) for label logits — "
                 "give the task a verbalizer or use logit_space='vocab'"
@@ -267,7 +284,7 @@ class LogitModel(nn.Module):
         self.tokenizer = tokenizer
         self.family = family
         self.logit_space = logit_space
-        self.label_words = tuple(label_words) if label_words and family != "encoder" else None
+        self.label_words = tuple(label_words) if label_words and uses_prompt(family) else None
         ids = label_token_ids(tokenizer, self.label_words, family, template) if self.label_words else []
         # a buffer so that .to(device) moves it; not persistent: the state dict stays the HF model's own
         self.register_buffer("label_token_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
@@ -592,6 +609,8 @@ def _load_logit_model(
     if quantization == "4bit":
         _keep_narrow_4bit_layers_on_generic_kernel(hf_model)
     label_words = tuple(getattr(task, "verbalizer", None) or ()) or None
+    if label_words and uses_prompt(family) and not getattr(task, "verbalizer_given", True):
+        label_token_ids(tokenizer, label_words, family, getattr(task, "template", "") or "", single_token=True)
     if meta.get("label_words") and label_words and list(label_words) != meta["label_words"]:
         logger.warning(
             "'%s' was saved with label words %s; using task '%s' words %s",
@@ -744,7 +763,7 @@ def load_student(
 def has_task_head(config: Any, family: str | None, task: Task) -> bool:
     """Whether a teacher can be used as is: an encoder needs a trained classification head with the task's
     labels (a base model would get a random one); generative teachers read label words from their LM head."""
-    if detect_family(config, family) != "encoder":
+    if uses_prompt(detect_family(config, family)):
         return True
     trained = any(a.endswith("ForSequenceClassification") for a in (config.architectures or ()))
     return trained and config.num_labels == task.num_labels

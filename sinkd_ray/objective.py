@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from sinkd_ray.config import DistillConfig
 from sinkd_ray.errors import SinkdError
-from sinkd_ray.losses import ce, js, kl, ranking_loss, rkl, sinkhorn_loss, tvd
+from sinkd_ray.losses import PER_SAMPLE_DIVERGENCES, ce, kl, ranking_loss, sinkhorn_loss
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 # ``reduce_sum``: an all-reduce (sum) over data-parallel workers of a small tensor, so that gradient norms (and the
@@ -126,9 +126,9 @@ def distribution_divergence(
     local means, scaled by the global b under "batch" mass, so W workers × b/W equal one worker × b.
     """
     kind = cfg.distribution_term
-    per_sample = kind in ("rkl", "js", "tvd") or cfg.sinkhorn_variant in ("sample", "sample_uniform")
-    if kind in ("rkl", "js", "tvd"):
-        value = {"rkl": rkl, "js": js, "tvd": tvd}[kind](student_logits, teacher_logits, cfg.tau_sd)
+    per_sample = kind in PER_SAMPLE_DIVERGENCES or cfg.sinkhorn_variant in ("sample", "sample_uniform")
+    if kind in PER_SAMPLE_DIVERGENCES:
+        value = PER_SAMPLE_DIVERGENCES[kind](student_logits, teacher_logits, cfg.tau_sd)
     else:
         teacher = F.softmax(_float(teacher_logits) / cfg.tau_sd, dim=-1)
         student = F.softmax(_float(student_logits) / cfg.tau_sd, dim=-1)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 
-from sinkd_ray.models import META_FILE
+from sinkd_ray.models import META_FILE, uses_prompt
 
 PIPELINE_TASK = "text-classification"
 
@@ -67,7 +67,7 @@ def log_student(student_dir: Path, task, examples: list, card: str) -> str:
     ``examples``: a few inputs as `predict` takes them (strings, or dicts of the task's text fields for pairs)."""
     from mlflow.models import infer_signature
 
-    if student_family(student_dir) == "encoder":
+    if not uses_prompt(student_family(student_dir)):
         import transformers
         from huggingface_hub import ModelCard
 

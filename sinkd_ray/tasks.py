@@ -11,6 +11,7 @@ STS-B is deliberately absent: it is regression, and SinKD distils distributions 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
@@ -20,6 +21,27 @@ from sinkd_ray.errors import SinkdError
 GLUE_HUB_ID = "nyu-mll/glue"
 # The parquet copy of SuperGLUE; the old script-based `super_glue` id no longer loads with datasets >= 4.
 SUPER_GLUE_HUB_ID = "aps/super_glue"
+METRICS = ("accuracy", "mcc", "f1", "macro_f1")  # what `compute_metrics` computes; a task picks by name
+
+
+@dataclass(frozen=True)
+class ReleaseFormat:
+    """How a benchmark task is laid out in its original release, read by `data.read_local_split` from
+    ``--data-dir``: ``folder`` (``CoLA``, ``SST-2``, …), ``files`` (our split → file name), ``columns`` (text field →
+    column name, or position for header-less files), ``label_column``, ``label_is_name`` (class names, else ids),
+    ``has_header``, ``jsonl`` (JSON lines instead of tab-separated)."""
+
+    folder: str
+    files: tuple[tuple[str, str], ...]
+    columns: tuple[tuple[str, str | int], ...]
+    label_column: str | int
+    label_is_name: bool
+    has_header: bool = True
+    jsonl: bool = False
+
+
+_GLUE_FILES = (("train", "train.tsv"), ("dev", "dev.tsv"))
+_SUPERGLUE_FILES = (("train", "train.jsonl"), ("dev", "val.jsonl"))
 
 
 @dataclass(frozen=True)
@@ -41,12 +63,15 @@ class Task:
         template: prompt for generative models, ``str.format``-ed with the text fields; it ends where the
             answer word goes (no trailing space: the verbalizer word is scored with a leading space).
         verbalizer: one single, common English word per class, in label-id order.
+        also_report: metrics reported beside the primary one (QQP: F1 beside the paper's accuracy).
+        release: the local release format read from ``--data-dir`` (benchmarks).
+        files: a task of the user's own (`sinkd_ray.task_files`): its files, columns and label mapping.
     """
 
     name: str
     benchmark: str
-    hub_id: str
-    hub_config: str
+    hub_id: str | None
+    hub_config: str | None
     text_fields: tuple[str, ...]
     label_names: tuple[str, ...]
     metric: str
@@ -55,15 +80,27 @@ class Task:
     dev_splits: tuple[str, ...] = ("dev",)
     hub_splits: tuple[tuple[str, str], ...] = (("train", "train"), ("dev", "validation"))
     metric_mode: str = "max"
+    also_report: tuple[str, ...] = ()
+    positive_label: int = 1  # the class whose F1 "f1" reports
+    release: ReleaseFormat | None = None
+    files: Any = None  # task_files.TaskFiles for a task of the user's own
+    verbalizer_given: bool = True  # False: the label names stand in (checked to be one token each)
 
     def __post_init__(self) -> None:
         # Registry consistency; a wrong entry here would silently mislabel every example.
-        assert self.benchmark in ("glue", "super_glue"), self.benchmark
+        assert self.benchmark in ("glue", "super_glue", "custom"), self.benchmark
         assert 1 <= len(self.text_fields) <= 2, self.text_fields
         assert len(self.verbalizer) == len(self.label_names), (self.verbalizer, self.label_names)
         assert len(set(self.verbalizer)) == len(self.verbalizer), self.verbalizer
-        assert all(w.isalpha() and w == w.strip() for w in self.verbalizer), self.verbalizer
+        assert all(w == w.strip() and w for w in self.verbalizer), self.verbalizer
+        assert self.metric in METRICS and set(self.also_report) <= set(METRICS), (self.metric, self.also_report)
         assert self.dev_splits[0] == "dev" and {s for s, _ in self.hub_splits} >= {"train", *self.dev_splits}
+
+    @property
+    def key(self) -> str:
+        """What identifies the task's examples in caches: the name, and for a task of the user's own the digest of
+        its definition and files (an edited file gets new teacher logits)."""
+        return self.name if self.files is None else f"{self.name}-{self.files.digest}"
 
     @property
     def num_labels(self) -> int:
@@ -100,6 +137,7 @@ _TASKS = (
         metric="mcc",
         template="Sentence: {sentence}\nIs this sentence grammatically correct? Answer:",
         verbalizer=("no", "yes"),
+        release=ReleaseFormat("CoLA", _GLUE_FILES, (("sentence", 3),), 1, label_is_name=False, has_header=False),
     ),
     Task(
         name="sst2",
@@ -111,6 +149,7 @@ _TASKS = (
         metric="accuracy",
         template="Review: {sentence}\nIs this review positive? Answer:",
         verbalizer=("no", "yes"),
+        release=ReleaseFormat("SST-2", _GLUE_FILES, (("sentence", "sentence"),), "label", label_is_name=False),
     ),
     Task(
         name="mrpc",
@@ -120,8 +159,16 @@ _TASKS = (
         text_fields=("sentence1", "sentence2"),
         label_names=("not_equivalent", "equivalent"),
         metric="f1",
+        also_report=("accuracy",),
         template="Sentence 1: {sentence1}\nSentence 2: {sentence2}\nDo both sentences mean the same thing? Answer:",
         verbalizer=("no", "yes"),
+        release=ReleaseFormat(
+            "MRPC",
+            _GLUE_FILES,
+            (("sentence1", "#1 String"), ("sentence2", "#2 String")),
+            "Quality",
+            label_is_name=False,
+        ),
     ),
     Task(
         name="qqp",
@@ -130,9 +177,17 @@ _TASKS = (
         hub_config="qqp",
         text_fields=("question1", "question2"),
         label_names=("not_duplicate", "duplicate"),
-        metric="f1",
+        metric="accuracy",  # the paper's (Table 1 reports accuracy and F1); F1 reported beside it
+        also_report=("f1",),
         template="Question 1: {question1}\nQuestion 2: {question2}\nDo both questions ask the same thing? Answer:",
         verbalizer=("no", "yes"),
+        release=ReleaseFormat(
+            "QQP",
+            _GLUE_FILES,
+            (("question1", "question1"), ("question2", "question2")),
+            "is_duplicate",
+            label_is_name=False,
+        ),
     ),
     Task(
         name="mnli",
@@ -146,6 +201,13 @@ _TASKS = (
         verbalizer=("yes", "maybe", "no"),
         dev_splits=("dev", "dev_mismatched"),
         hub_splits=(("train", "train"), ("dev", "validation_matched"), ("dev_mismatched", "validation_mismatched")),
+        release=ReleaseFormat(
+            "MNLI",
+            (("train", "train.tsv"), ("dev", "dev_matched.tsv"), ("dev_mismatched", "dev_mismatched.tsv")),
+            (("premise", "sentence1"), ("hypothesis", "sentence2")),
+            "gold_label",
+            label_is_name=True,
+        ),
     ),
     Task(
         name="qnli",
@@ -157,6 +219,9 @@ _TASKS = (
         metric="accuracy",
         template="Question: {question}\nSentence: {sentence}\nDoes the sentence answer the question? Answer:",
         verbalizer=("yes", "no"),
+        release=ReleaseFormat(
+            "QNLI", _GLUE_FILES, (("question", "question"), ("sentence", "sentence")), "label", label_is_name=True
+        ),
     ),
     Task(
         name="rte",
@@ -168,6 +233,9 @@ _TASKS = (
         metric="accuracy",
         template="Premise: {sentence1}\nHypothesis: {sentence2}\nDoes the premise entail the hypothesis? Answer:",
         verbalizer=("yes", "no"),
+        release=ReleaseFormat(
+            "RTE", _GLUE_FILES, (("sentence1", "sentence1"), ("sentence2", "sentence2")), "label", label_is_name=True
+        ),
     ),
     Task(
         name="superglue-rte",
@@ -179,6 +247,14 @@ _TASKS = (
         metric="accuracy",
         template="Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise entail the hypothesis? Answer:",
         verbalizer=("yes", "no"),
+        release=ReleaseFormat(
+            "RTE",
+            _SUPERGLUE_FILES,
+            (("premise", "premise"), ("hypothesis", "hypothesis")),
+            "label",
+            label_is_name=True,
+            jsonl=True,
+        ),
     ),
     Task(
         name="cb",
@@ -188,8 +264,17 @@ _TASKS = (
         text_fields=("premise", "hypothesis"),
         label_names=("entailment", "contradiction", "neutral"),
         metric="accuracy",
+        also_report=("macro_f1",),
         template="Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise entail the hypothesis? Answer:",
         verbalizer=("yes", "no", "maybe"),
+        release=ReleaseFormat(
+            "CB",
+            _SUPERGLUE_FILES,
+            (("premise", "premise"), ("hypothesis", "hypothesis")),
+            "label",
+            label_is_name=True,
+            jsonl=True,
+        ),
     ),
 )
 
@@ -216,6 +301,10 @@ def get_task(name: str | Task) -> Task:
     """The registered task called ``name`` (case-insensitive; ``sst-2``, ``superglue-cb``, … accepted)."""
     if isinstance(name, Task):
         return name
+    if str(name).endswith((".yaml", ".yml")):  # a task of the user's own (a local path, or shipped to the storage)
+        from sinkd_ray.task_files import load_task_file
+
+        return load_task_file(str(name))
     key = str(name).strip().lower().replace("_", "-").replace(" ", "-")
     key = _ALIASES.get(key, key)
     if key in TASKS:
@@ -225,15 +314,18 @@ def get_task(name: str | Task) -> Task:
             f"task {name!r} is STS-B, a regression task — SinKD here distils class distributions; "
             f"choose one of {', '.join(TASKS)}"
         )
-    raise SinkdError(f"unknown task {name!r} — choose one of {', '.join(TASKS)}")
+    raise SinkdError(
+        f"unknown task {name!r} — choose one of {', '.join(TASKS)}, or give a task file of your own (task.yaml: "
+        "README, 'Your own data')"
+    )
 
 
 def compute_metrics(task: Task | str, predictions, labels) -> dict[str, float]:
     """Task metrics from predicted classes (shape n) or class scores/logits (shape n × d) and gold ids (n).
 
-    Always returns ``accuracy`` and the task's primary metric under ``task.metric``:
-    CoLA ``mcc`` (Matthews correlation); MRPC and QQP ``f1`` (binary, positive class 1); CB also
-    ``macro_f1`` (mean F1 over its three classes); the others ``accuracy`` only.
+    Always ``accuracy``, then the task's primary metric (``task.metric``) and those it reports beside it
+    (``task.also_report``): ``mcc`` (Matthews correlation), ``f1`` (binary, positive class ``task.positive_label``),
+    ``macro_f1`` (mean F1 over all classes). Chosen by the task's settings, never by its name.
     """
     task = get_task(task)
     predictions, labels = (
@@ -250,13 +342,15 @@ def compute_metrics(task: Task | str, predictions, labels) -> dict[str, float]:
             f"prediction per labelled example"
         )
     metrics = {"accuracy": float(accuracy_score(labels, predictions))}
-    if task.name == "cola":
-        metrics["mcc"] = float(matthews_corrcoef(labels, predictions))
-    elif task.name in ("mrpc", "qqp"):
-        metrics["f1"] = float(f1_score(labels, predictions, pos_label=1, average="binary", zero_division=0))
-    elif task.name == "cb":
-        metrics["macro_f1"] = float(
-            f1_score(labels, predictions, labels=list(range(task.num_labels)), average="macro", zero_division=0)
-        )
-    assert task.metric in metrics
+    for name in (task.metric, *task.also_report):
+        if name == "mcc":
+            metrics["mcc"] = float(matthews_corrcoef(labels, predictions))
+        elif name == "f1":
+            metrics["f1"] = float(
+                f1_score(labels, predictions, pos_label=task.positive_label, average="binary", zero_division=0)
+            )
+        elif name == "macro_f1":
+            metrics["macro_f1"] = float(
+                f1_score(labels, predictions, labels=list(range(task.num_labels)), average="macro", zero_division=0)
+            )
     return metrics

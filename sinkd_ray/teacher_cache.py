@@ -30,6 +30,7 @@ from sinkd_ray.models import (
     load_teacher,
     model_fingerprint,
     resolve_logit_space,
+    uses_prompt,
 )
 from sinkd_ray.progress import ProgressLine
 from sinkd_ray.tasks import Task, get_task
@@ -85,7 +86,7 @@ def teacher_logits_key(
     own = "bfloat16" if bf16 else "float32"
     return TeacherLogitsKey(
         teacher_fingerprint=model_fingerprint(teacher),
-        task=task.name,
+        task=task.key,  # a task of the user's own: its name and the digest of its files
         split=split,
         max_length=max_length,
         template=task.template if prompt else "",
@@ -155,7 +156,7 @@ class LogitsRequest:
             logit_space=resolve_logit_space(self.logit_space, family),
             quantization=self.quantization,
             bf16=self.bf16,
-            prompt=family != "encoder",
+            prompt=uses_prompt(family),
             examples=self.max_examples,
             dtype=self.dtype,
         )
@@ -178,7 +179,7 @@ class LogitsRequest:
             task,
             teacher.tokenizer,
             self.max_length,
-            prompt=teacher.family != "encoder",
+            prompt=uses_prompt(teacher.family),
         )
         tokenized = first_examples(tokenized, self.max_examples)  # the rows the run trains on
         return compute_logits(teacher, tokenized, batch_size=self.batch_size, bf16=self.bf16)

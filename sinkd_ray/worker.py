@@ -42,7 +42,7 @@ from sinkd_ray.data import (
 )
 from sinkd_ray.errors import SinkdError
 from sinkd_ray.hardware import describe_precision, resolve_bf16
-from sinkd_ray.models import LogitModel, load_student, load_student_skeleton, load_teacher
+from sinkd_ray.models import LogitModel, load_student, load_student_skeleton, load_teacher, uses_prompt
 from sinkd_ray.objective import sinkd_objective
 from sinkd_ray.online_teacher import OnlineTeacher
 from sinkd_ray.progress import ProgressLine
@@ -274,7 +274,7 @@ class DistillRecipe:
 
     def _tokenized(self, tokenizer, split: str, prompt: bool | None = None):
         tcfg = self.tcfg
-        prompt = self.student.family != "encoder" if prompt is None else prompt
+        prompt = uses_prompt(self.student.family) if prompt is None else prompt
         ds = tokenize_split(
             load_split(self.task, split, tcfg.data_dir), self.task, tokenizer, tcfg.max_length, prompt=prompt
         )
@@ -303,7 +303,7 @@ class DistillRecipe:
             dtype=dtype,
             device=self.ctx.device,
         )
-        tokenized = {"train": self._tokenized(teacher.tokenizer, "train", prompt=teacher.family != "encoder")}
+        tokenized = {"train": self._tokenized(teacher.tokenizer, "train", prompt=uses_prompt(teacher.family))}
         return TeacherLogits(teacher=teacher, tokenized=tokenized, bf16=self.bf16)
 
     def _optimizer(self) -> torch.optim.Optimizer:
