@@ -42,6 +42,12 @@ def without_typed(space: SearchSpace, typed: set[str]) -> SearchSpace:
     from dataclasses import replace
 
     dropped = sorted(set(space.search) & typed)
+    if dropped and not set(space.search) - typed:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in dropped)
+        raise SinkdError(
+            f"{flags} fix every setting {space.path} searches — nothing is left to search: drop one of them, or "
+            "train one run with `python -m sinkd_ray.train`"
+        )
     for key in dropped:
         print(f"--{key.replace('_', '-')} fixes {key} for every trial ({space.path} searched it)")
     return replace(

@@ -389,7 +389,7 @@ class Rehearsal:
             f"--teacher-base {self.bert} --teacher-epochs 1",
             f"--student {self.bert} --student-layers 2",
             f"--data-dir {self.data} --search-space {self.space}",
-            "--max-length 32 --eval-batch-size 20 --seed 0 --no-bf16 --lr 1e-2",
+            "--max-length 32 --eval-batch-size 20 --seed 0 --no-bf16",
             f"--num-trials 2 --max-concurrent-trials 2 --cpus-per-worker 1 --worker-resources {NODE_RESOURCE}=1",
             f'--name rehearsal --storage-path "$SINKD_BUCKET/runs" --tracking-uri {self.mlflow}',
         ]

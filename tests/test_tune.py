@@ -347,6 +347,7 @@ def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(
         (["--task", "stsb"], "STS-B, a regression task"),
         (["--task", "colaa"], "unknown task"),
         (["--alpha", "1.5"], "alpha=1.5 is outside [0, 1]"),
+        (["--alpha", "0.1", "--lr", "1e-3"], "fix every setting"),  # nothing left to search
         (["--epochs", "0"], "epochs=0 is outside [1, inf)"),
         (["--workers", "3"], "not divisible by workers=3"),
         (["--search-space", "nope"], "search space 'nope' not found"),
