@@ -258,3 +258,38 @@ def test_a_study_whose_storage_fills_up_ends_in_one_line_and_resumes_once_space_
     )
     assert resumed.returncode == 0 and "registered model: sinkd-cola-student" in resumed.stdout, resumed.stderr[-3000:]
     assert set(_runs_by_status(storage).values()) == {"FINISHED"}
+
+
+def test_two_commands_on_one_study_name_the_second_is_refused_until_the_first_ends(tmp_path):
+    """The study's lock is an flock the kernel drops when its process ends, however it ends (no stale lock)."""
+    from sinkd_ray.errors import SinkdError
+    from sinkd_ray.storage import StorageLayout
+
+    layout = StorageLayout.at(str(tmp_path / "runs"))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from sinkd_ray.storage import StorageLayout; "
+            f"lock = StorageLayout.at({str(tmp_path / 'runs')!r}).lock_study('s'); "
+            "print('held', flush=True); time.sleep(60)",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(SinkdError, match=rf"study 's' is running in another command right now \(pid {holder.pid}\)"):
+        layout.lock_study("s")
+    holder.kill()
+    holder.wait()
+    layout.lock_study("s").close()  # free again once the holder is gone (killed, not cleaned up)
+
+
+def test_a_resumed_study_refuses_a_search_space_that_changed():
+    from sinkd_ray.search_space import Param, SearchSpace
+
+    a = SearchSpace("a.yaml", search={"lr": Param("lr", "choice", (1e-3, 1e-2))}, fixed={"epochs": 2})
+    b = SearchSpace("b.yaml", search={"lr": Param("lr", "choice", (1e-3, 1e-2))}, fixed={"epochs": 2})
+    c = SearchSpace("a.yaml", search={"lr": Param("lr", "choice", (1e-3, 3e-3))}, fixed={"epochs": 2})
+    assert a.digest() == b.digest() != c.digest()  # what it searches counts, not where the file lives
