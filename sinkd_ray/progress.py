@@ -40,8 +40,9 @@ class ProgressLine:
         """Say where the work stands if ``every_s`` has passed since the last line; returns whether it printed.
         ``rate_scale``: units per counted item (e.g. examples per step) for the speed."""
         now = time.monotonic()
-        if self.start_done is None:
-            self.start_done = done
+        if self.start_done is None:  # the first call marks where this process started (a resumed run: not 0)
+            self.start_done, self.t0, self.last = done, now, now
+            return False
         if not self.enabled or now - self.last < self.every_s:
             return False
         self.last = now
