@@ -77,25 +77,22 @@ def _ray_default_amis() -> set[str]:
     return set()
 
 
+def _option_values(options: list, flags: tuple[str, ...]) -> list[str]:
+    """The values of ``flags`` (e.g. ``("--env", "-e")``) in docker options, as ``--flag=v`` or ``--flag v``."""
+    tokens = [t for option in options or [] for t in shlex.split(str(option))]
+    values = []
+    for i, token in enumerate(tokens):
+        if token.startswith(tuple(f"{flag}=" for flag in flags)):
+            values.append(token.split("=", 1)[1])
+        elif token in flags and i + 1 < len(tokens):
+            values.append(tokens[i + 1])
+    return values
+
+
 def _docker_env(docker: dict) -> dict[str, str]:
     """NAME -> value of the ``--env``/``-e`` options in ``docker.run_options`` (and the head/worker variants)."""
-    tokens = [
-        t
-        for key in ("run_options", "head_run_options", "worker_run_options")
-        for option in docker.get(key) or []
-        for t in shlex.split(str(option))
-    ]
-    env = {}
-    for i, token in enumerate(tokens):
-        value = None
-        if token.startswith(("--env=", "-e=")):
-            value = token.split("=", 1)[1]
-        elif token in ("--env", "-e") and i + 1 < len(tokens):
-            value = tokens[i + 1]
-        if value and "=" in value:
-            name, val = value.split("=", 1)
-            env[name] = val
-    return env
+    options = [o for key in ("run_options", "head_run_options", "worker_run_options") for o in docker.get(key) or []]
+    return dict(v.split("=", 1) for v in _option_values(options, ("--env", "-e")) if "=" in v)
 
 
 def _ray_pin(constraints: Path) -> str | None:
@@ -199,18 +196,8 @@ def _check_region(prepared: dict, env: dict, source: str) -> None:
 
 def _volumes(options: list) -> dict[str, str]:
     """container path -> host path of the ``-v`` / ``--volume`` options."""
-    tokens = [t for option in options or [] for t in shlex.split(str(option))]
-    found = {}
-    for i, token in enumerate(tokens):
-        value = None
-        if token.startswith(("--volume=", "-v=")):
-            value = token.split("=", 1)[1]
-        elif token in ("-v", "--volume") and i + 1 < len(tokens):
-            value = tokens[i + 1]
-        if value and value.count(":") >= 1:
-            host, container = value.split(":")[:2]
-            found[container.rstrip("/")] = host
-    return found
+    pairs = [v.split(":")[:2] for v in _option_values(options, ("--volume", "-v")) if ":" in v]
+    return {container.rstrip("/"): host for host, container in pairs}
 
 
 def _check_sqlite_volume(config: dict, env: dict, source: str) -> None:
