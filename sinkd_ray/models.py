@@ -472,6 +472,19 @@ def check_weights(path_or_id: str | Path) -> None:
             ) from None
 
 
+def model_bytes(path_or_name: str | None) -> int:
+    """The weight files' size of a local model folder (``offline:`` names resolved), 0 when unknown (a hub id)."""
+    if not path_or_name:
+        return 0
+    try:
+        folder = Path(_resolve_source(path_or_name))
+    except SinkdError:
+        return 0
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
 def load_config(path_or_id: str | Path, **overrides: Any):
     """The transformers config of a local directory or hub id (no weights read); missing → `SinkdError`."""
     return _load_config(_resolve_source(path_or_id), path_or_id, **overrides)

@@ -160,21 +160,6 @@ def free_bytes(path: str | Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def model_bytes(path_or_name: str | None) -> int:
-    """The weight files' size of a local model folder (``offline:`` names resolved), 0 when unknown (a hub id)."""
-    if not path_or_name:
-        return 0
-    from sinkd_ray.models import resolve_source
-
-    try:
-        folder = Path(resolve_source(path_or_name))
-    except SinkdError:
-        return 0
-    if not folder.is_dir():
-        return 0
-    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
-
-
 def mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
 

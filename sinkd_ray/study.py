@@ -196,7 +196,7 @@ def fit_study(
 def checkpoint_bytes(spec: RunSpec) -> int:
     """About one checkpoint of the student: its weights and two AdamW moments (a student cut to its first layers
     is smaller: this is the bound), plus 1 MiB of tokenizer, config and state files."""
-    from sinkd_ray.storage import model_bytes
+    from sinkd_ray.models import model_bytes
 
     return 3 * model_bytes(spec.train.student) + 2**20
 
@@ -205,7 +205,7 @@ def space_needed(spec: RunSpec, concurrent: int, keep: int, teacher_base: str | 
     """What a study writes on its storage at most at once: each running trial's kept checkpoints plus the one being
     written, a teacher fine-tuned here (its checkpoint and its export), and 16 MiB of Tune state, MLflow's store and
     the summary's artefacts."""
-    from sinkd_ray.storage import model_bytes
+    from sinkd_ray.models import model_bytes
 
     teacher = 4 * model_bytes(teacher_base) if spec.train.teacher is None and teacher_base else 0
     return concurrent * (keep + 1) * checkpoint_bytes(spec) + teacher + 16 * 2**20

@@ -16,7 +16,8 @@
 Every rule is checked when the task is read, before any work, each a one-line error that says what to do: a
 missing or empty file, a file that is not UTF-8, a column that does not exist (the ones that do are named), a
 label column with missing values, a label in dev that train lacks, one class only, a class too small for the
-dev split. The result is a `tasks.Task` like the GLUE entries: the same data, cache, study and registry paths.
+dev split. The result becomes a `tasks.Task` like the GLUE entries (`tasks.get_task` builds it from the fields read
+here): the same data, cache, study and registry paths.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import numpy as np
 import pyarrow as pa
 
 from sinkd_ray.errors import SinkdError
-from sinkd_ray.tasks import METRICS, TASKS, Task
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 KEYS = {"name", "train", "dev", "header", "text", "label", "label_names", "metric", "positive_label"}
@@ -128,7 +128,7 @@ def _raw(value) -> str:
 
 
 @lru_cache(maxsize=32)
-def _load(path: str, mtime_ns: int) -> Task:
+def _load(path: str, mtime_ns: int, metrics: tuple[str, ...], builtin: frozenset) -> dict:
     import yaml
 
     file = Path(path)
@@ -142,7 +142,7 @@ def _load(path: str, mtime_ns: int) -> Task:
     if unknown:
         _fail(path, f"unknown key(s) {unknown} — known: {', '.join(sorted(KEYS))}")
     name = _slug(str(raw.get("name") or file.stem))
-    if not name or name in TASKS:
+    if not name or name in builtin:
         _fail(path, f"name {name!r} is empty or a built-in task's — give the task its own name")
     text = raw.get("text")
     text = [text] if isinstance(text, str) else text
@@ -204,8 +204,8 @@ def _load(path: str, mtime_ns: int) -> Task:
                 "train — add examples, or give a dev file",
             )
     metric = str(raw.get("metric", "accuracy"))
-    if metric not in METRICS:
-        _fail(path, f"metric {metric!r} — use one of {', '.join(METRICS)}")
+    if metric not in metrics:
+        _fail(path, f"metric {metric!r} — use one of {', '.join(metrics)}")
     positive = raw.get("positive_label")
     if metric == "f1" and (positive is None or _raw(positive) not in names) and len(names) != 2:
         _fail(path, f"metric f1 needs positive_label: one of {names}")
@@ -241,7 +241,7 @@ def _load(path: str, mtime_ns: int) -> Task:
         hub=hub,
         digest=digest.hexdigest()[:12],
     )
-    return Task(
+    return dict(
         name=name,
         benchmark="custom",
         hub_id=hub[0] if hub else None,
@@ -268,9 +268,10 @@ def _hub_frame(hub: tuple, split: str, where: str):
     return dataset.to_pandas()
 
 
-def load_task_file(path: str) -> Task:
-    """The `Task` a task file describes (read and checked once per version of the file). A task file shipped to
-    remote storage (`driver._ship_inputs`) is fetched to this node first."""
+def load_task_file(path: str, metrics: tuple[str, ...], builtin: frozenset) -> dict:
+    """The `tasks.Task` fields a task file describes (read and checked once per version of the file), given the
+    metrics there are and the built-in task names it may not take. A task file shipped to remote storage
+    (`driver._ship_inputs`) is fetched to this node first."""
     from sinkd_ray.storage import localize
 
     if "://" in path:
@@ -279,10 +280,10 @@ def load_task_file(path: str) -> Task:
     file = Path(path).expanduser()
     if not file.is_file():
         raise SinkdError(f"task file {path} not found — give the path of a task.yaml (README, 'Your own data')")
-    return _load(str(file.resolve()), file.stat().st_mtime_ns)
+    return _load(str(file.resolve()), file.stat().st_mtime_ns, tuple(metrics), frozenset(builtin))
 
 
-def read_split(task: Task, split: str) -> datasets.Dataset:
+def read_split(task, split: str) -> datasets.Dataset:
     """``split`` ("train" / "dev") of a task of the user's own: text columns, ``label`` (class id) and ``idx``."""
     files: TaskFiles = task.files
     if files.hub is None:

@@ -304,7 +304,7 @@ def get_task(name: str | Task) -> Task:
     if str(name).endswith((".yaml", ".yml")):  # a task of the user's own (a local path, or shipped to the storage)
         from sinkd_ray.task_files import load_task_file
 
-        return load_task_file(str(name))
+        return Task(**load_task_file(str(name), METRICS, frozenset(TASKS)))
     key = str(name).strip().lower().replace("_", "-").replace(" ", "-")
     key = _ALIASES.get(key, key)
     if key in TASKS:
