@@ -312,7 +312,7 @@ def _logits_on_a_worker(shipped: RunSpec):
             print(f"teacher logits for {request.task}/{request.split}: computing on this worker node ({device})")
             return request.compute(device)
 
-        remote = replace(request, teacher=tcfg.teacher, data_dir=tcfg.data_dir)
+        remote = replace(request, teacher=tcfg.teacher, data_dir=tcfg.data_dir, task=tcfg.task)
         threads = max(1, round(tcfg.cpus_per_worker))
         return ray.get(_worker_task(tcfg)(on_worker).remote(remote, _worker_device(tcfg), threads))
 
