@@ -195,7 +195,10 @@ def prepare_teacher_logits(
     path, computed = cached_teacher_logits(
         logits_request(spec, "train"), layout.teacher_cache_dir, compute=_logits_on_a_worker(shipped or spec)
     )
-    print(f"teacher logits for {tcfg.task}/train: {'computed' if computed else 'reused'} ({path.name})", flush=True)
+    print(
+        f"teacher logits for {get_task(tcfg.task).name}/train: {'computed' if computed else 'reused'} ({path.name})",
+        flush=True,
+    )
     if layout.remote:  # workers on other nodes cannot read the driver's disk: a few MB through the object store
         import ray
 
@@ -536,15 +539,16 @@ def finetune_teacher(
     spec = teacher_run_spec(base, train)
     settings = json.dumps({k: v for k, v in spec.train.to_dict().items() if k != "fault_at_step"}, sort_keys=True)
     key = hashlib.sha256((model_fingerprint(base) + settings).encode()).hexdigest()[:12]
-    output_dir = output_dir or layout.teacher_dir(spec.train.task, key)
+    task = get_task(spec.train.task)
+    output_dir = output_dir or layout.teacher_dir(task.name, key)
     if (output_dir / "dev_metrics.json").exists():
         metrics = json.loads((output_dir / "dev_metrics.json").read_text())
         print(f"teacher: reusing {output_dir} (dev {metrics['dev_metric']:.4f})")
         return output_dir
-    print(f"teacher: fine-tuning {base} on {spec.train.task} ({spec.train.epochs} epochs, CE only) -> {output_dir}")
+    print(f"teacher: fine-tuning {base} on {task.name} ({spec.train.epochs} epochs, CE only) -> {output_dir}")
     t0 = time.time()
     prepared = prepare_run(spec, layout, runtime)
-    result = fit_run(prepared, f"teacher-{spec.train.task}-{key}", callbacks=[PrintProgress()])
+    result = fit_run(prepared, f"teacher-{task.name}-{key}", callbacks=[PrintProgress()])
     metrics = export_best(result, output_dir)
     print(f"teacher: dev {get_task(spec.train.task).metric}={metrics['dev_metric']:.4f} in {time.time() - t0:.0f}s")
     return output_dir
