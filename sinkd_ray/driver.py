@@ -422,6 +422,9 @@ def fit(trainer, run_dir: str, start_timeout_s: int = LOCAL_START_TIMEOUT_S):
     from ray.train import TrainingFailedError
 
     os.environ[START_TIMEOUT_ENV] = str(int(start_timeout_s))
+    # Train V2's print patch sends a worker's print to its logger and also to the wrapped stdout: every line a
+    # worker printed (progress, precision) reached the driver twice. Read by Train where fit() is called.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     _remove(run_dir, FAILURE_FILE)  # from an earlier attempt of a run with this name
     try:
         result = trainer.fit()
