@@ -25,10 +25,11 @@ install: $(BIN)/python
 # A CoLA study sized to this machine (sinkd_ray/demo.py): it measures the host first, then fits a one-epoch
 # all-mpnet-base-v2 teacher, two SinKD trials of the 6-layer all-MiniLM-L6-v2 student and a CE-only student into
 # about 20 minutes, the install included (the clock starts when make does).
+# DEMO_FLAGS passes flags through, e.g. `make demo DEMO_FLAGS=--no-bf16` (what an AVX2-only CPU gets).
 DEMO_START := $(shell date +%s)
 demo: install
 	$(BIN)/python -m sinkd_ray.demo --started-at $(DEMO_START) --storage-path $(DEMO_DIR) \
-	  $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+	  $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(DEMO_FLAGS)
 
 test: install
 	$(BIN)/ruff check sinkd_ray benchmarks tests
