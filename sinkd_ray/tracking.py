@@ -248,7 +248,10 @@ def register_student(
         mlflow.set_tracking_uri(client.tracking_uri)
         with mlflow.start_run(run_id=run_id):
             model_uri = log_model()
-        version = client.create_model_version(name, source=model_uri, run_id=run_id).version
+        # A logged model's URI is models:/<model id>; an MLflow server (unlike a SQLite store) refuses that source
+        # unless the version names the model id too.
+        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+        version = client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id).version
     for key, value in (tags or {}).items():
         client.set_model_version_tag(name, version, key, str(value))
     client.update_model_version(name, version, description=description)

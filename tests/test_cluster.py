@@ -267,6 +267,33 @@ def test_preflight_stops_setup_with_one_line(problem, match, tmp_path, monkeypat
     assert "\n" not in str(info.value)
 
 
+def _register_through(url: str) -> None:
+    """A student version registered through the server: its REST store checks what a SQLite store does not (a
+    logged model's version must name its model id; the rehearsal found it)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from sinkd_ray.tracking import register_student
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input: list[str]) -> list[str]:
+            return model_input
+
+    previous = mlflow.get_tracking_uri()
+    client = MlflowClient(url)
+    run = client.create_run(client.create_experiment("registry"))
+    try:
+        version = register_student(
+            client,
+            "echo",
+            run.info.run_id,
+            lambda: mlflow.pyfunc.log_model(name="student", python_model=Echo()).model_uri,
+        )
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert client.get_model_version_by_alias("echo", "best").version == version == "1"
+
+
 def test_the_head_starts_mlflow_once_on_the_configured_backend_and_fails_loudly_when_it_cannot(tmp_path, monkeypatch):
     import os
     import signal
@@ -286,6 +313,7 @@ def test_the_head_starts_mlflow_once_on_the_configured_backend_and_fails_loudly_
         pid = pidfile.read_text()
         assert node_setup.start_mlflow_server(port=port) == url and pidfile.read_text() == pid  # not started twice
         assert (tmp_path / "home" / "mlflow" / "mlflow.db").exists()
+        _register_through(url)
     finally:
         if pidfile.exists():
             os.killpg(int(pidfile.read_text()), signal.SIGTERM)  # the server runs in its own session
@@ -365,7 +393,9 @@ def test_a_study_on_two_nodes_and_uri_storage_completes(
     experiment = client.get_experiment_by_name("sinkd-cola")
     runs = client.search_runs([experiment.experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 2 and all(client.get_metric_history(c.info.run_id, "dev_metric") for c in children)
+    trials = [r for r in children if "sinkd.trial_id" in r.data.tags]
+    assert {r.data.tags.get("sinkd.role") for r in children if r not in trials} <= {"teacher", "ce-baseline"}
+    assert len(trials) == 2 and all(client.get_metric_history(c.info.run_id, "dev_metric") for c in trials)
     version = client.get_model_version_by_alias("sinkd-cola-student", "best")
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=version.source, dst_path=str(tmp_path / "dl"), tracking_uri=client.tracking_uri
