@@ -18,7 +18,9 @@ Ray Train would retry. ``distill()`` is the plain-process entry point (tests, be
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import random
 import tempfile
 import time
@@ -511,8 +513,28 @@ class DistillRecipe:
             report(metrics, None)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            self._save(Path(tmp), metrics)
-            report(metrics, Path(tmp))
+            try:
+                self._save(Path(tmp), metrics)
+                report(metrics, Path(tmp))
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                wait_for_stop_on_full_storage(metrics.get("step"), self.ctx.rank)
+
+
+def wait_for_stop_on_full_storage(step, rank: int) -> None:
+    """A checkpoint could not be written: the storage is full. The driver watches the free space and stops the
+    study in one line (study.DiskWatch), with every checkpoint already written intact; a worker that raised here
+    would instead fill the log with pyarrow's traceback and be retried into the same full disk. So it waits to be
+    stopped, and raises a short error only if nothing stops it (the full disk was one the driver does not watch)."""
+    wait_s = float(os.environ.get("SINKD_FULL_STORAGE_WAIT_S", "300"))
+    print(
+        f"[rank {rank}] the storage is full: the checkpoint of step {step} was not written; "
+        f"waiting up to {wait_s:.0f} s for the study to stop",
+        flush=True,
+    )
+    time.sleep(wait_s)
+    raise SinkdError(f"the storage is full: the checkpoint of step {step} was not written — free space, then resume")
 
 
 def distill(
