@@ -498,7 +498,10 @@ class Rehearsal:
         self.report["isolation"] = self.probe_isolation()
         self.run_study()
         if self.report["job_status"] != "SUCCEEDED":
-            raise RuntimeError(f"the study's job {self.report['job_status']}: see job.log")
+            # the job's last error lines, so that a failure reads in CI's output without the log files
+            lines = (self.out / "job.log").read_text().splitlines()
+            last = [line.strip() for line in lines if re.search(r"(Error|Exception)\b\S*: ", line)][-3:]
+            raise RuntimeError(f"the study's job {self.report['job_status']}: {' | '.join(last)} (see job.log)")
         self.read_mlflow()
 
     def cleanup(self) -> None:
