@@ -7,6 +7,7 @@ artifacts beside it. Everything here takes a tracking URI, so a tracking server 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -180,11 +181,17 @@ class TrialRunsCallback(MLflowLoggerCallback):
     @contextlib.contextmanager
     def _tolerated(self, what: str):
         """A tracking store that cannot be written for a moment (its disk full, a server restarting) costs that
-        entry, said in one line, not the study: Tune would end it with a traceback."""
+        entry, said in one line, not the study: Tune would end it with a traceback. (MLflow's SQL store logs the
+        error's traceback itself before raising it: muted meanwhile, the line below says it.)"""
+        sql_log = logging.getLogger("mlflow.store.db.utils")
+        level = sql_log.level
+        sql_log.setLevel(logging.CRITICAL)
         try:
             yield
         except Exception as err:  # sqlalchemy, HTTP and OS errors alike
             print(f"MLflow: could not log {what} ({str(err).splitlines()[0][:160]}); the study goes on", flush=True)
+        finally:
+            sql_log.setLevel(level)
 
     def log_trial_start(self, trial) -> None:
         if trial not in self._trial_runs:

@@ -336,3 +336,31 @@ def test_a_worker_whose_checkpoint_meets_a_full_storage_waits_to_be_stopped_then
 
     with pytest.raises(OSError, match="Input/output error"):
         DistillRecipe._report(recipe, broken, {"step": 7}, True)
+
+
+def test_a_tracking_store_on_a_full_disk_costs_one_line_not_a_traceback(small_disk, capsys):
+    """MLflow's SQL store logs a full disk's traceback itself before raising; the study's callback says it once."""
+    import logging
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from sinkd_ray.tracking import TrialRunsCallback
+
+    disk = small_disk("4m")
+    client = MlflowClient(f"sqlite:///{disk / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("full")).info.run_id
+    with (disk / "filler").open("wb") as out:
+        out.write(b"\0" * shutil.disk_usage(disk).free)
+    records = []
+    seen = logging.Handler()
+    seen.emit = records.append  # on MLflow's own logger: it does not propagate to pytest's capture
+    logging.getLogger("mlflow.store.db.utils").addHandler(seen)
+    try:
+        with TrialRunsCallback._tolerated(None, "a result"):
+            for step in range(10_000):  # until SQLite's free pages are used up too
+                client.log_batch(run_id, metrics=[Metric(f"m{i}", 1.0, 0, step) for i in range(200)])
+    finally:
+        logging.getLogger("mlflow.store.db.utils").removeHandler(seen)
+    assert "MLflow: could not log a result (" in capsys.readouterr().out
+    assert not records, [r.getMessage()[:200] for r in records]
