@@ -341,31 +341,93 @@ def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(
     assert len(client.search_model_versions("name = 'sinkd-cola-student'")) == 1
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--task", "stsb"], "STS-B, a regression task"),
-        (["--task", "colaa"], "unknown task"),
-        (["--alpha", "1.5"], "alpha=1.5 is outside [0, 1]"),
-        (["--alpha", "0.1", "--lr", "1e-3"], "fix every setting"),  # nothing left to search
-        (["--epochs", "0"], "epochs=0 is outside [1, inf)"),
-        (["--workers", "3"], "not divisible by workers=3"),
-        (["--search-space", "nope"], "search space 'nope' not found"),
-        (["--student", "/no/such/model"], "model path '/no/such/model' not found"),
-        (["--data-dir", "/no/such/dir"], "/no/such/dir"),
-        (["--num-trials", "0"], "num_trials=0 is outside [1, inf)"),
-        (["--lr", "-1e-5"], "lr=-1e-05 is outside (0, inf)"),
-        (["--tracking-uri", "foo://bar"], "scheme 'foo' is not one MLflow can track to"),
-        (["--tracking-uri", "http://127.0.0.1:9"], "no MLflow server answers"),
-        (["--storage-path", "/dev/null"], "is a file — give a folder"),
-        (["--student-layers", "12"], "has only 4 layers"),
-        (["--max-train-examples", "1"], "1 training examples give no full step of 16"),
-        (["--gpus-per-worker", "1", "--resources-wait", "0"], "cannot place 1 worker(s)"),
-        # 2 nodes of 2 CPUs: the workers take both, and the trial's actor must run on the head
-        (["--cpus-per-worker", "2", "--workers", "2", "--resources-wait", "0"], "+ 0.01 CPU on the head for the trial"),
-    ],
-)
-def test_bad_cli_values_are_one_line_errors(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, extra, message):
+# Refused before Ray starts: checked in one process, one command line after another (a process each cost ~7 s of
+# imports, three minutes in all); the two that need the session's Ray runtime run on their own below.
+REFUSED_UP_FRONT = [
+    (["--task", "stsb"], "STS-B, a regression task"),
+    (["--task", "colaa"], "unknown task"),
+    (["--alpha", "1.5"], "alpha=1.5 is outside [0, 1]"),
+    (["--alpha", "0.1", "--lr", "1e-3"], "fix every setting"),  # nothing left to search
+    (["--epochs", "0"], "epochs=0 is outside [1, inf)"),
+    (["--workers", "3"], "not divisible by workers=3"),
+    (["--search-space", "nope"], "search space 'nope' not found"),
+    (["--student", "/no/such/model"], "model path '/no/such/model' not found"),
+    (["--data-dir", "/no/such/dir"], "/no/such/dir"),
+    (["--num-trials", "0"], "num_trials=0 is outside [1, inf)"),
+    (["--lr", "-1e-5"], "lr=-1e-05 is outside (0, inf)"),
+    (["--tracking-uri", "foo://bar"], "scheme 'foo' is not one MLflow can track to"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "no MLflow server answers"),
+    (["--storage-path", "/dev/null"], "is a file — give a folder"),
+    (["--student-layers", "12"], "has only 4 layers"),
+    (["--max-train-examples", "1"], "1 training examples give no full step of 16"),
+]
+REFUSED_BY_THE_CLUSTER = [
+    (["--gpus-per-worker", "1", "--resources-wait", "0"], "cannot place 1 worker(s)"),
+    # 2 nodes of 2 CPUs: the workers take both, and the trial's actor must run on the head
+    (["--cpus-per-worker", "2", "--workers", "2", "--resources-wait", "0"], "+ 0.01 CPU on the head for the trial"),
+]
+_ONE_AFTER_ANOTHER = """
+import contextlib, io, json, sys
+from sinkd_ray.cli import run_cli
+from sinkd_ray.tune import main
+results = []
+for argv in json.load(open(sys.argv[1])):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            run_cli(main, argv)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    results.append([code, err.getvalue()])
+json.dump(results, open(sys.argv[2], "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def refused_up_front(tmp_path_factory, tiny_bert_dir, tiny_teacher, tune_data_dir):
+    """(exit code, stderr, storage folder) of each REFUSED_UP_FRONT command line, and the process's whole stderr."""
+    root = tmp_path_factory.mktemp("refused")
+    folders = [root / str(i) for i in range(len(REFUSED_UP_FRONT))]
+    for folder in folders:
+        folder.mkdir()
+    cases = [
+        _argv(f, tiny_bert_dir, tiny_teacher, tune_data_dir, *extra) for f, (extra, _) in zip(folders, REFUSED_UP_FRONT)
+    ]
+    (root / "cases.json").write_text(json.dumps(cases))
+    proc = subprocess.run(
+        [sys.executable, "-c", _ONE_AFTER_ANOTHER, str(root / "cases.json"), str(root / "results.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((root / "results.json").read_text())
+    return [(code, err, folder) for (code, err), folder in zip(results, folders)], proc.stderr
+
+
+def _assert_one_line_refusal(code, stderr, storage: Path, message: str) -> None:
+    assert code == 2, (code, stderr[-2000:])
+    err = [line for line in stderr.strip().splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in stderr
+    assert len(err) == 1 and message in err[0], stderr[-2000:]
+    assert not (storage / "runs" / "mlflow.db").exists()  # nothing started
+
+
+@pytest.mark.parametrize("case", range(len(REFUSED_UP_FRONT)), ids=[m for _, m in REFUSED_UP_FRONT])
+def test_bad_cli_values_are_one_line_errors(refused_up_front, case):
+    results, whole_stderr = refused_up_front
+    code, stderr, storage = results[case]
+    _assert_one_line_refusal(code, stderr, storage, REFUSED_UP_FRONT[case][1])
+    assert "Traceback" not in whole_stderr  # nor anything a library logged past the captured stream
+
+
+@pytest.mark.parametrize("extra, message", REFUSED_BY_THE_CLUSTER, ids=[m for _, m in REFUSED_BY_THE_CLUSTER])
+def test_requests_the_cluster_cannot_place_are_one_line_errors(
+    tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, extra, message
+):
     argv = _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, *extra)
     proc = subprocess.run(
         [sys.executable, "-m", "sinkd_ray.tune", *argv],
@@ -375,12 +437,7 @@ def test_bad_cli_values_are_one_line_errors(tmp_path, tiny_bert_dir, tiny_teache
         timeout=120,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    assert proc.returncode != 0
-    err = [line for line in proc.stderr.strip().splitlines() if line.startswith("error: ")]
-    assert "Traceback" not in proc.stderr
-    if message:
-        assert len(err) == 1 and message in err[0], proc.stderr[-2000:]
-    assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing started
+    _assert_one_line_refusal(proc.returncode, proc.stderr, tmp_path, message)
 
 
 def test_the_ce_baseline_keeps_the_studys_settings_and_drops_the_teacher():
