@@ -11,6 +11,7 @@ the runtime's address is pinned in ``RAY_ADDRESS`` for this process and for ever
 from __future__ import annotations
 
 import os
+import signal
 
 from sinkd_ray.errors import SinkdError
 
@@ -37,6 +38,7 @@ def connect(address: str | None = None) -> tuple[str, bool]:
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address, False
     address = address or os.environ.get(ADDRESS_ENV) or None
+    sigterm = signal.getsignal(signal.SIGTERM)
     runtime_env = {"worker_process_setup_hook": "sinkd_ray.runtime.pin_ray_address"}
     if address:
         check_reachable(address)
@@ -72,9 +74,19 @@ def connect(address: str | None = None) -> tuple[str, bool]:
                 "time, or start one runtime (`ray start --head`) and attach every command to it with --address"
             ) from None
         started = True
+    _restore_sigterm(sigterm)
     gcs = ray.get_runtime_context().gcs_address
     os.environ[ADDRESS_ENV] = gcs  # this process and its subprocesses
     return gcs, started
+
+
+def _restore_sigterm(handler) -> None:
+    """ray.init installs its core worker's fatal-signal handler for SIGTERM, which aborts the driver (exit -6,
+    every MLflow run left RUNNING) instead of the graceful stop `cli.run_cli` set up: put that one back."""
+    import threading
+
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

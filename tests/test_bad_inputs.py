@@ -3,6 +3,7 @@ with nothing half-done (no Ray runtime waited on for ever, no MLflow run left RU
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -364,3 +365,33 @@ def test_a_tracking_store_on_a_full_disk_costs_one_line_not_a_traceback(small_di
         logging.getLogger("mlflow.store.db.utils").removeHandler(seen)
     assert "MLflow: could not log a result (" in capsys.readouterr().out
     assert not records, [r.getMessage()[:200] for r in records]
+
+
+@pytest.mark.ray
+def test_sigterm_during_a_study_stops_it_like_ctrl_c(
+    tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+):
+    """`kill` (a scheduler's stop, a closed terminal): exit 130 with the interrupted line, every MLflow run ended.
+    ray.init's own fatal-signal handler used to take SIGTERM over and abort the driver (exit -6, runs RUNNING)."""
+    storage = tmp_path / "runs"
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    argv = tiny_study_argv(tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, space, storage, "--name", "term")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sinkd_ray.tune", *argv],
+        cwd=REPO,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 600
+    while not list(storage.glob("term-train/trial_*/checkpoint_*/metrics.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
+        time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert "interrupted" in err and "--resume --name term" in err, err[-2000:]
+    assert "RUNNING" not in _runs_by_status(storage).values()
