@@ -140,6 +140,7 @@ def _check_same_space(runs, space, name: str) -> None:
     that now fixes a searched key) would be silently ignored for the trials still to come."""
     started = runs.client.get_run(runs.parent_id).data.params.get("search_space_digest")
     if started is not None and started != space.digest():
+        runs.finish("KILLED")  # opening it for the resume set it RUNNING: back to the interrupted study it was
         raise SinkdError(
             f"the search space is not the one study {name} started with ({space.path} or the flags fixing its keys "
             "changed) — resume with the original file and flags, or start a new study with another --name"

@@ -395,3 +395,29 @@ def test_sigterm_during_a_study_stops_it_like_ctrl_c(
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
     assert "interrupted" in err and "--resume --name term" in err, err[-2000:]
     assert "RUNNING" not in _runs_by_status(storage).values()
+
+
+def test_a_refused_resume_leaves_the_study_run_as_it_found_it(tmp_path):
+    """Opening the study for --resume sets its parent run RUNNING; refused for a changed space, it must not stay so
+    (benchmarks/bad_inputs.py found it left RUNNING)."""
+    import types
+
+    from mlflow.tracking import MlflowClient
+
+    from sinkd_ray.errors import SinkdError
+    from sinkd_ray.search_space import Param, SearchSpace
+    from sinkd_ray.tune import _check_same_space
+
+    started = SearchSpace("s.yaml", search={"lr": Param("lr", "choice", (1e-3, 1e-2))}, fixed={"epochs": 2})
+    changed = SearchSpace("s.yaml", search={"lr": Param("lr", "choice", (1e-3, 3e-3))}, fixed={"epochs": 2})
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.create_run(client.create_experiment("s")).info.run_id
+    client.log_param(parent, "search_space_digest", started.digest())
+    runs = types.SimpleNamespace(
+        client=client, parent_id=parent, finish=lambda status: client.set_terminated(parent, status=status)
+    )
+    _check_same_space(runs, started, "s")
+    assert client.get_run(parent).info.status == "RUNNING"  # the same space: the resume goes on
+    with pytest.raises(SinkdError, match="the search space is not the one study s started with"):
+        _check_same_space(runs, changed, "s")
+    assert client.get_run(parent).info.status == "KILLED"
