@@ -227,6 +227,25 @@ def test_a_storage_too_small_for_the_study_is_refused_up_front(
     assert elapsed < 60 and not (disk / "runs" / "mlflow.db").exists()
 
 
+def _study_at_its_first_checkpoint(argv: list[str], storage: Path, name: str, stdout) -> subprocess.Popen:
+    """`python -m sinkd_ray.tune` started on the session's runtime, returned once a trial wrote a checkpoint (its
+    stderr piped, for the test to read when it ends)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sinkd_ray.tune", *argv],
+        cwd=REPO,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 600
+    while not list(storage.glob(f"{name}-train/trial_*/checkpoint_*/metrics.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
+        time.sleep(1)
+    return proc
+
+
 @pytest.mark.ray
 def test_a_study_whose_storage_fills_up_ends_in_one_line_and_resumes_once_space_is_freed(
     tmp_path, small_disk, ray_runtime, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
@@ -239,20 +258,7 @@ def test_a_study_whose_storage_fills_up_ends_in_one_line_and_resumes_once_space_
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     argv = tiny_study_argv(tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, space, storage, "--name", "full")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    log = (tmp_path / "study.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sinkd_ray.tune", *argv],
-        cwd=REPO,
-        env={**env, "HF_HUB_OFFLINE": "1"},
-        stdout=log,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 600
-    while not list(storage.glob("full-train/trial_*/checkpoint_*/metrics.json")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
-        time.sleep(1)
+    proc = _study_at_its_first_checkpoint(argv, storage, "full", stdout=(tmp_path / "study.log").open("w"))
     filler = disk / "filler"
     with filler.open("wb") as out:  # leave ~256 KiB: less than another checkpoint
         free = shutil.disk_usage(disk).free - 256 * 1024
@@ -377,19 +383,7 @@ def test_sigterm_during_a_study_stops_it_like_ctrl_c(
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     argv = tiny_study_argv(tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, space, storage, "--name", "term")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sinkd_ray.tune", *argv],
-        cwd=REPO,
-        env={**env, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 600
-    while not list(storage.glob("term-train/trial_*/checkpoint_*/metrics.json")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
-        time.sleep(1)
+    proc = _study_at_its_first_checkpoint(argv, storage, "term", stdout=subprocess.DEVNULL)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
