@@ -703,6 +703,9 @@ class StudyConfig(ValidatedConfig):
     )
     teacher_epochs: int = field(default=3, metadata={"help": "epochs of the teacher's CE fine-tuning"})
     teacher_lr: float = field(default=3e-5, metadata={"help": "learning rate of the teacher's CE fine-tuning"})
+    teacher_batch_size: int = field(
+        default=32, metadata={"help": "batch size of the teacher's CE fine-tuning (smaller: more steps per example)"}
+    )
     teacher_max_train_examples: int | None = field(
         default=None,
         metadata={
@@ -738,6 +741,7 @@ class StudyConfig(ValidatedConfig):
             ("grace_period", 1),
             ("reduction_factor", 2),
             ("teacher_epochs", 1),
+            ("teacher_batch_size", 1),
         ):
             _check_number(name, getattr(self, name), low, integer=True)
         if self.num_trials is not None:

@@ -118,11 +118,13 @@ def prepare_run(
     *,
     teacher_base: str | None = None,
     teacher_train: TrainConfig | None = None,
+    teacher_batch_size: int = 32,
     max_batch_size: int | None = None,
     trial_cpu: float = 0.0,
 ) -> PreparedRun:
     """preflight → Ray runtime and resources → teacher (fine-tuned once from ``teacher_base`` when the spec has
-    none; ``teacher_train``: its training settings) → its cached logits, shipped where workers read them.
+    none; ``teacher_train`` and ``teacher_batch_size``: its training settings) → its cached logits, shipped where
+    workers read them.
     ``trial_cpu``: what a study's trial reserves beside its workers (Tune's trial actor)."""
     from sinkd_ray.runtime import check_resources, connect, worker_bundle
 
@@ -141,7 +143,8 @@ def prepare_run(
         extra_cpu=trial_cpu,
     )
     if finetune:
-        teacher = finetune_teacher(teacher_base, teacher_train or replace(tcfg, workers=1), layout, runtime)
+        teacher_cfg = teacher_train or replace(tcfg, workers=1)
+        teacher = finetune_teacher(teacher_base, teacher_cfg, layout, runtime, batch_size=teacher_batch_size)
         spec = RunSpec(replace(tcfg, teacher=str(teacher)), spec.distill)
     # Inputs go to the storage before anything runs on another node: the teacher's logits are computed on a
     # worker node when the workers need resources the head lacks, and that node has no copy of this disk.
@@ -523,24 +526,30 @@ def export_best(result, output_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the teacher
-def teacher_run_spec(base: str, train: TrainConfig) -> RunSpec:
+def teacher_run_spec(base: str, train: TrainConfig, batch_size: int = 32) -> RunSpec:
     """CE fine-tuning of ``base`` with the run's data, length and precision settings (one worker)."""
     return RunSpec(
         replace(train, student=base, student_layers=None, teacher=None, fault_at_step=None),
-        DistillConfig(alpha=0.0, beta=0.0, batch_size=32),
+        DistillConfig(alpha=0.0, beta=0.0, batch_size=batch_size),
     )
 
 
 def finetune_teacher(
-    base: str, train: TrainConfig, layout: StorageLayout, runtime: RuntimeConfig, output_dir: Path | None = None
+    base: str,
+    train: TrainConfig,
+    layout: StorageLayout,
+    runtime: RuntimeConfig,
+    output_dir: Path | None = None,
+    batch_size: int = 32,
 ) -> Path:
     """Fine-tune ``base`` on the task with CE only, once: a finished teacher with the same inputs is reused.
 
     The folder name carries the base model's fingerprint and the training settings, so changing either
     trains a new teacher rather than silently reusing a stale one.
     """
-    spec = teacher_run_spec(base, train)
-    settings = json.dumps({k: v for k, v in spec.train.to_dict().items() if k != "fault_at_step"}, sort_keys=True)
+    spec = teacher_run_spec(base, train, batch_size)
+    settings = {k: v for k, v in spec.train.to_dict().items() if k != "fault_at_step"}
+    settings = json.dumps({**settings, "batch_size": batch_size}, sort_keys=True)
     key = hashlib.sha256((model_fingerprint(base) + settings).encode()).hexdigest()[:12]
     task = get_task(spec.train.task)
     output_dir = output_dir or layout.teacher_dir(task.name, key)

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.model:
             raise SinkdError("--stage teacher needs --model <pretrained model dir, hub id or offline:<name>>")
         train = config_from_args(TrainConfig, args, student=args.model, student_layers=None, teacher=None)
-        finetune_teacher(args.model, train, layout, runtime, output_dir=output)
+        batch = config_from_args(DistillConfig, args).batch_size
+        finetune_teacher(args.model, train, layout, runtime, output_dir=output, batch_size=batch)
         return 0
     spec = RunSpec(config_from_args(TrainConfig, args), config_from_args(DistillConfig, args))
     name = args.name or f"{task.name}-student-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -103,6 +103,7 @@ def _main(argv: list[str]) -> int:
         runtime,
         teacher_base=cfg.teacher_base,
         teacher_train=teacher_train,
+        teacher_batch_size=cfg.teacher_batch_size,
         max_batch_size=int(study.largest(space, spec, "batch_size")),
         trial_cpu=study.TRIAL_CPU,
     )
@@ -306,7 +307,12 @@ def _teacher_params(prepared, cfg: StudyConfig) -> dict:
         "logit_space": tcfg.logit_space,
     }
     if Path(tcfg.teacher).parent == prepared.layout.work_dir / "teachers":  # fine-tuned here from --teacher-base
-        params.update(teacher_base=cfg.teacher_base, teacher_epochs=cfg.teacher_epochs, teacher_lr=cfg.teacher_lr)
+        params.update(
+            teacher_base=cfg.teacher_base,
+            teacher_epochs=cfg.teacher_epochs,
+            teacher_lr=cfg.teacher_lr,
+            teacher_batch_size=cfg.teacher_batch_size,
+        )
     return params
 
 

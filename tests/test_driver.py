@@ -470,3 +470,27 @@ def test_the_cuda_generator_travels_in_the_checkpoint_to_a_node_with_fewer_gpus(
     FakeCuda(count=1).install(monkeypatch)
     checkpoints.set_rng_state(legacy)
     assert torch.cuda.get_rng_state().tolist() == saver.states[0].tolist()
+
+
+def test_the_teachers_batch_size_reaches_its_run_and_its_cache_key(tmp_path, monkeypatch, tiny_bert_dir):
+    """--teacher-batch-size: the teacher's CE run trains at it, and a teacher fine-tuned at another batch size is
+    a different teacher (its own folder), while the same settings reuse the finished one."""
+    from sinkd_ray import driver
+
+    runs = []
+    monkeypatch.setattr(driver, "prepare_run", lambda spec, layout, runtime: runs.append(spec) or spec)
+    monkeypatch.setattr(driver, "fit_run", lambda prepared, name, callbacks: None)
+
+    def export(result, output_dir):
+        output_dir.mkdir(parents=True)
+        (output_dir / "dev_metrics.json").write_text('{"dev_metric": 0.5}')
+        return {"dev_metric": 0.5}
+
+    monkeypatch.setattr(driver, "export_best", export)
+    layout, runtime = StorageLayout.at(str(tmp_path)), RuntimeConfig(storage_path=str(tmp_path))
+    train = TrainConfig(task="cola", student=str(tiny_bert_dir), bf16=False)
+    small = driver.finetune_teacher(str(tiny_bert_dir), train, layout, runtime, batch_size=16)
+    default = driver.finetune_teacher(str(tiny_bert_dir), train, layout, runtime)
+    assert small != default and [spec.distill.batch_size for spec in runs] == [16, 32]
+    assert driver.finetune_teacher(str(tiny_bert_dir), train, layout, runtime, batch_size=16) == small
+    assert len(runs) == 2  # reused, not trained again
