@@ -31,64 +31,91 @@ COLA_TRAIN, COLA_DEV = 8551, 1043
 # Fixed costs seen on 2 cores (seconds): Ray's start and the study's own set-up, each Ray Train run's start, the
 # teacher's dev logits and export, the summary (registration loads the model once more). Evaluation runs at
 # about 3× the training rate.
-FIXED_S, PER_RUN_S, EVAL_SPEEDUP = 60.0, 25.0, 3.0
-# A study's worker trains a little slower than these steps in the demo's own process (Ray Train's reporting,
-# checkpoints, the driver beside it): 10.8 against 11.7 examples/s for the teacher on 2 cores, float32.
-IN_STUDY = 0.9
+FIXED_S, PER_RUN_S, EVAL_SPEEDUP = 60.0, 30.0, 3.0
+# A study's worker trains slower than these steps in the demo's own process (Ray Train's reporting, checkpoints,
+# the objective's teacher logits, the driver beside it), measured on 2 cores: the teacher 10.8 against 11.7
+# examples/s (float32, AVX-512) and 5.5 against 6.0 (float32, AVX2); the student 30 against 44 (AVX2).
+TEACHER_IN_STUDY, STUDENT_IN_STUDY = 0.9, 0.7
 TEACHER_SHARE = 0.4  # of the compute time: enough examples for a teacher with signal (one epoch of full CoLA: ~0.5)
-MIN_EXAMPLES = 1000
+STUDENT_BATCH = TEACHER_BATCH = 32  # search_spaces/demo.yaml; the teacher's fine-tuning batch
+# The least that shows anything, measured on 2 cores: a one-epoch teacher on 3,938 CoLA examples (b 32, lr 5e-5)
+# reached dev MCC 0.42, on ~1,500 it stayed at the majority class (MCC 0) at b 32 and at b 16 with lr 5e-5, 1e-4 and
+# 2e-4; students on 1,681 examples (2 epochs) all stayed at MCC 0, on all of CoLA they reached 0.25 (CE-only 0.20).
+MIN_TEACHER_EXAMPLES, MIN_STUDENT_EXAMPLES = 3900, 4000
+DEFAULT_BUDGET_MIN = 20.0
 
 
 @dataclass(frozen=True)
 class Plan:
     bf16: bool
-    teacher_rate: float  # training examples/s
+    teacher_rate: float  # training examples/s, in a study
     student_rate: float
     teacher_examples: int
     student_examples: int
     expected_s: float
+    extended_from_s: float | None = None  # the budget the plan did not fit into
 
     def line(self) -> str:
         host = "bf16" if self.bf16 else "float32"
-        return (
+        longer = (
+            f"demo: {duration(self.extended_from_s)} are too few on this host for a demo with signal (a teacher "
+            f"needs ~{MIN_TEACHER_EXAMPLES:,} CoLA examples, the students ~{MIN_STUDENT_EXAMPLES:,}), so it plans "
+            f"the least that has it (--budget-min to refuse instead)\n"
+            if self.extended_from_s
+            else ""
+        )
+        return longer + (
             f"demo: {host} host at ~{self.teacher_rate:.0f} examples/s for the teacher and ~{self.student_rate:.0f} "
-            f"for the student (measured) → teacher (mpnet, 12 layers) fine-tuned 1 epoch on {self.teacher_examples:,} "
-            f"CoLA examples, {TRIALS} SinKD trials and a CE-only student (MiniLM, 6 layers) {EPOCHS} epochs on "
-            f"{self.student_examples:,}, expect ~{duration(self.expected_s)}"
+            f"for the student (measured, as in a study) → teacher (mpnet, 12 layers) fine-tuned 1 epoch on "
+            f"{self.teacher_examples:,} CoLA examples, {TRIALS} SinKD trials and a CE-only student (MiniLM, 6 "
+            f"layers) {EPOCHS} epochs on {self.student_examples:,}, expect ~{duration(self.expected_s)}"
         )
 
 
-def plan_for(teacher_rate: float, student_rate: float, bf16: bool, compute_s: float) -> Plan:
-    """The most examples that fit ``compute_s`` seconds: the teacher's epoch takes ``TEACHER_SHARE`` of the time
-    (and its logits for the students' examples), the three student runs the rest."""
+def plan_for(teacher_rate: float, student_rate: float, bf16: bool, compute_s: float, *, extend: bool = False) -> Plan:
+    """The most examples that fit ``compute_s`` seconds (rates as in a study): the teacher's epoch takes
+    ``TEACHER_SHARE`` of the time (and its logits for the students' examples), the student runs the rest. Where
+    that leaves the teacher or the students fewer examples than show anything, ``extend`` plans those minimums
+    (and says how long they take); without it, one line says how long this host needs."""
     available = compute_s - FIXED_S - (TRIALS + 2) * PER_RUN_S
     teacher_eval = COLA_DEV / (EVAL_SPEEDUP * teacher_rate)
-    teacher_examples = int(min(COLA_TRAIN, max(0.0, TEACHER_SHARE * available - teacher_eval) * teacher_rate))
-    rest = available - teacher_examples / teacher_rate - teacher_eval
-
-    def students(n: int) -> float:  # logits for n examples, then 3 runs × EPOCHS × (train n + evaluate dev)
-        logits = (n + COLA_DEV) / (EVAL_SPEEDUP * teacher_rate)
-        runs = (TRIALS + 1) * EPOCHS * (n / student_rate + COLA_DEV / (EVAL_SPEEDUP * student_rate))
-        return logits + runs
-
-    per_example = students(1) - students(0)
-    student_examples = int(min(COLA_TRAIN, max(0.0, (rest - students(0)) / per_example)))
-    if min(teacher_examples, student_examples) < MIN_EXAMPLES:
+    share = max(0.0, TEACHER_SHARE * available - teacher_eval) * teacher_rate
+    teacher_examples = int(min(COLA_TRAIN, max(MIN_TEACHER_EXAMPLES, share)))  # the students get the rest
+    cost = _cost(teacher_rate, student_rate)
+    per_example = cost(teacher_examples, 1) - cost(teacher_examples, 0)
+    student_examples = int(min(COLA_TRAIN, max(0.0, (compute_s - cost(teacher_examples, 0)) / per_example)))
+    if student_examples >= MIN_STUDENT_EXAMPLES:
+        used = cost(teacher_examples, student_examples)
+        return Plan(bf16, teacher_rate, student_rate, teacher_examples, student_examples, used)
+    needed = cost(MIN_TEACHER_EXAMPLES, MIN_STUDENT_EXAMPLES)
+    if not extend:
         raise SinkdError(
             f"this host trains at ~{teacher_rate:.1f} examples/s (teacher) and ~{student_rate:.1f} (student): "
-            f"{duration(compute_s)} leave too few examples for a demo with signal — give it more time "
-            "(--budget-min) or run it on a faster machine"
+            f"{duration(compute_s)} leave too few examples for a demo with signal, which needs ~{duration(needed)} "
+            "here — give it that (--budget-min) or run it on a faster machine"
         )
-    used = FIXED_S + (TRIALS + 2) * PER_RUN_S + teacher_examples / teacher_rate + teacher_eval
-    used += students(student_examples)
-    return Plan(bf16, teacher_rate, student_rate, teacher_examples, student_examples, used)
+    return Plan(
+        bf16, teacher_rate, student_rate, MIN_TEACHER_EXAMPLES, MIN_STUDENT_EXAMPLES, needed, extended_from_s=compute_s
+    )
 
 
-def measure(model: str, bf16: bool, data_dir: str | None, steps: int = 4, batch: int = 32) -> float:
+def _cost(teacher_rate: float, student_rate: float):
+    """Seconds of a plan of (teacher examples, student examples): fixed costs, the teacher's epoch and dev
+    evaluation, its logits for the students' examples and dev, then the runs × EPOCHS × (train + evaluate dev)."""
+
+    def cost(teacher_examples: int, student_examples: int) -> float:
+        teacher = teacher_examples / teacher_rate + COLA_DEV / (EVAL_SPEEDUP * teacher_rate)
+        logits = (student_examples + COLA_DEV) / (EVAL_SPEEDUP * teacher_rate)
+        runs = (TRIALS + 1) * EPOCHS * (student_examples / student_rate + COLA_DEV / (EVAL_SPEEDUP * student_rate))
+        return FIXED_S + (TRIALS + 2) * PER_RUN_S + teacher + logits + runs
+
+    return cost
+
+
+def measure(model: str, bf16: bool, data_dir: str | None, batch: int, steps: int = 4) -> float:
     """Training examples/s of ``model`` (a classification head) on CoLA batches at ``MAX_LENGTH``: a warm-up step,
-    then ``steps`` timed forward + backward + AdamW steps, on a seeded random sample at the study's batch size
-    (CoLA's first rows are its shortest: measured on them, the demo over-planned its runs twice over), times
-    ``IN_STUDY``."""
+    then ``steps`` timed forward + backward + AdamW steps, on a seeded random sample at the run's batch size
+    (CoLA's first rows are its shortest: measured on them, the demo over-planned its runs twice over)."""
     import torch
 
     from sinkd_ray.config import DistillConfig
@@ -119,7 +146,7 @@ def measure(model: str, bf16: bool, data_dir: str | None, steps: int = 4, batch:
         optimizer.zero_grad(set_to_none=True)
         if i:  # the first step warms up
             elapsed += time.perf_counter() - t0
-    return IN_STUDY * steps * batch / elapsed
+    return steps * batch / elapsed
 
 
 def study_argv(plan: Plan, args) -> list[str]:
@@ -165,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data-dir", help="local GLUE copy (else $SINKD_DATA_DIR, else the hub)")
     parser.add_argument("--storage-path", default="./sinkd_runs/demo")
-    parser.add_argument("--budget-min", type=float, default=20.0, help="the whole demo, install included")
+    parser.add_argument(
+        "--budget-min",
+        type=float,
+        help="the whole demo, install included (default: 20, or the least with signal where this host needs more; "
+        "given, a budget too short for signal is refused)",
+    )
     parser.add_argument("--started-at", type=float, help="Unix time the demo began (the install counts)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: auto")
     parser.add_argument("--dry-run", action="store_true", help="measure and plan, print the study's command")
@@ -179,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     print(describe_precision(args.bf16, torch.device("cpu")), flush=True)
     spent = time.time() - args.started_at if args.started_at else 0.0
     print("demo: measuring this host (teacher and student training steps, about a minute)", flush=True)
-    teacher_rate = measure(TEACHER, bf16, args.data_dir)
-    student_rate = measure(STUDENT, bf16, args.data_dir)
+    teacher_rate = TEACHER_IN_STUDY * measure(TEACHER, bf16, args.data_dir, TEACHER_BATCH)
+    student_rate = STUDENT_IN_STUDY * measure(STUDENT, bf16, args.data_dir, STUDENT_BATCH)
     spent = time.time() - args.started_at if args.started_at else spent
-    plan = plan_for(teacher_rate, student_rate, bf16, 60 * args.budget_min - spent)
+    budget_min = args.budget_min if args.budget_min is not None else DEFAULT_BUDGET_MIN
+    plan = plan_for(teacher_rate, student_rate, bf16, 60 * budget_min - spent, extend=args.budget_min is None)
     print(plan.line() + (f" (after {duration(spent)} of install and measuring)" if spent else ""), flush=True)
     command = study_argv(plan, args)
     if args.dry_run:
