@@ -38,7 +38,8 @@ install: $(BIN)/python
 
 # A CoLA study sized to this machine (sinkd_ray/demo.py): it measures the host first, then fits a one-epoch
 # all-mpnet-base-v2 teacher, two SinKD trials of the 6-layer all-MiniLM-L6-v2 student and a CE-only student into
-# about 20 minutes, the install included (the clock starts when make does).
+# about 20 minutes, the install included (the clock starts when make does), or the least that shows signal where
+# this host needs longer (it says so first).
 # DEMO_FLAGS passes flags through, e.g. `make demo DEMO_FLAGS=--no-bf16` (what an AVX2-only CPU gets).
 DEMO_START := $(shell date +%s)
 demo: install
