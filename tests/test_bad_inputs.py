@@ -203,7 +203,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-SPACE = "sampler: grid\nsearch:\n  lr: {choice: [1.0e-2, 3.0e-3]}\nfixed:\n  batch_size: 16\n  epochs: 6\n"
+SPACE = "sampler: grid\nsearch:\n  lr: {choice: [1.0e-2, 3.0e-3]}\nfixed:\n  batch_size: 16\n  epochs: 3\n"
 
 
 def _runs_by_status(storage: Path) -> dict:
