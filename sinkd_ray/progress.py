@@ -35,6 +35,7 @@ class ProgressLine:
         self.every_s = float(os.environ.get(EVERY_ENV, "30")) if every_s is None else every_s
         self.t0 = self.last = time.monotonic()
         self.start_done = None
+        self.finished = False
 
     def update(self, done: int, extra: str = "", rate_scale: float = 1.0) -> bool:
         """Say where the work stands if ``every_s`` has passed since the last line; returns whether it printed.
@@ -43,8 +44,12 @@ class ProgressLine:
         if self.start_done is None:  # the first call marks where this process started (a resumed run: not 0)
             self.start_done, self.t0, self.last = done, now, now
             return False
-        if not self.enabled or now - self.last < self.every_s:
+        # The end of a step that took longer than one interval is said at once: the next step's own first line comes
+        # only an interval later, and the two silences together exceeded a minute (61 s seen in `make demo`).
+        finishing = done >= self.total and not self.finished and now - self.t0 >= self.every_s
+        if not self.enabled or (now - self.last < self.every_s and not finishing):
             return False
+        self.finished = self.finished or done >= self.total
         self.last = now
         elapsed = now - self.t0
         rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0

@@ -42,3 +42,19 @@ def test_a_run_prints_training_and_evaluation_progress(
     assert [int(done) for _, done, *_ in training] == sorted(int(done) for _, done, *_ in training)
     assert training[-1][7] == " (epoch 2/2)" and all(float(rate) > 0 for *_, rate, _, _ in training)
     assert any(ln.startswith("evaluating:") for ln in lines)
+
+
+def test_the_end_of_a_step_longer_than_an_interval_is_said_at_once(capsys, monkeypatch):
+    """A step that ends between two lines says so when it ends (once), so its silence and the next step's first
+    interval do not add up; a step shorter than one interval stays quiet."""
+    clock = iter([0.0, 0.0, 31.0, 50.0, 51.0, 100.0, 100.0, 110.0])
+    monkeypatch.setattr("sinkd_ray.progress.time.monotonic", lambda: next(clock))
+    long = ProgressLine("training", 100, unit="steps", every_s=30)
+    assert not long.update(0)
+    assert long.update(60)  # 31 s: the interval's line
+    assert long.update(100)  # 50 s: done, 19 s after the last line — said at once
+    assert not long.update(100)  # 51 s: not twice
+    short = ProgressLine("evaluating", 40, every_s=30)  # created at 100 s
+    assert not short.update(0) and not short.update(40)  # done after 10 s: no line needed
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0] for line in out] == ["training: 60/100 steps", "training: 100/100 steps"]
