@@ -92,6 +92,9 @@ def _check_bool(name: str, value: Any) -> None:
         raise SinkdError(f"{name}={value!r} must be true or false")
 
 
+TEACHER_BATCH_SIZE = 32  # the teacher's CE fine-tuning batch unless --teacher-batch-size says otherwise
+
+
 @dataclass
 class ValidatedConfig:
     """Base of the config dataclasses: ``from_dict`` with unknown-key errors, ``to_dict``, ``help_texts``."""
@@ -704,7 +707,8 @@ class StudyConfig(ValidatedConfig):
     teacher_epochs: int = field(default=3, metadata={"help": "epochs of the teacher's CE fine-tuning"})
     teacher_lr: float = field(default=3e-5, metadata={"help": "learning rate of the teacher's CE fine-tuning"})
     teacher_batch_size: int = field(
-        default=32, metadata={"help": "batch size of the teacher's CE fine-tuning (smaller: more steps per example)"}
+        default=TEACHER_BATCH_SIZE,
+        metadata={"help": "batch size of the teacher's CE fine-tuning (smaller: more steps per example)"},
     )
     teacher_max_train_examples: int | None = field(
         default=None,

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from sinkd_ray.cli import run_cli
+from sinkd_ray.config import TEACHER_BATCH_SIZE
 from sinkd_ray.errors import SinkdError
 from sinkd_ray.progress import duration
 
@@ -37,7 +38,7 @@ FIXED_S, PER_RUN_S, EVAL_SPEEDUP = 60.0, 30.0, 3.0
 # examples/s (float32, AVX-512) and 5.5 against 6.0 (float32, AVX2); the student 30 against 44 (AVX2).
 TEACHER_IN_STUDY, STUDENT_IN_STUDY = 0.9, 0.7
 TEACHER_SHARE = 0.4  # of the compute time: enough examples for a teacher with signal (one epoch of full CoLA: ~0.5)
-STUDENT_BATCH = TEACHER_BATCH = 32  # search_spaces/demo.yaml; the teacher's fine-tuning batch
+STUDENT_BATCH = 32  # search_spaces/demo.yaml
 # The least that shows anything, measured on 2 cores: a one-epoch teacher on 3,938 CoLA examples (b 32, lr 5e-5)
 # reached dev MCC 0.42, on ~1,500 it stayed at the majority class (MCC 0) at b 32 and at b 16 with lr 5e-5, 1e-4 and
 # 2e-4; students on 1,681 examples (2 epochs) all stayed at MCC 0, on all of CoLA they reached 0.25 (CE-only 0.20).
@@ -81,13 +82,13 @@ def plan_for(teacher_rate: float, student_rate: float, bf16: bool, compute_s: fl
     teacher_eval = COLA_DEV / (EVAL_SPEEDUP * teacher_rate)
     share = max(0.0, TEACHER_SHARE * available - teacher_eval) * teacher_rate
     teacher_examples = int(min(COLA_TRAIN, max(MIN_TEACHER_EXAMPLES, share)))  # the students get the rest
-    cost = _cost(teacher_rate, student_rate)
-    per_example = cost(teacher_examples, 1) - cost(teacher_examples, 0)
-    student_examples = int(min(COLA_TRAIN, max(0.0, (compute_s - cost(teacher_examples, 0)) / per_example)))
+    rates = (teacher_rate, student_rate)
+    per_example = _cost(*rates, teacher_examples, 1) - _cost(*rates, teacher_examples, 0)
+    student_examples = int(min(COLA_TRAIN, max(0.0, (compute_s - _cost(*rates, teacher_examples, 0)) / per_example)))
     if student_examples >= MIN_STUDENT_EXAMPLES:
-        used = cost(teacher_examples, student_examples)
+        used = _cost(*rates, teacher_examples, student_examples)
         return Plan(bf16, teacher_rate, student_rate, teacher_examples, student_examples, used)
-    needed = cost(MIN_TEACHER_EXAMPLES, MIN_STUDENT_EXAMPLES)
+    needed = _cost(*rates, MIN_TEACHER_EXAMPLES, MIN_STUDENT_EXAMPLES)
     if not extend:
         raise SinkdError(
             f"this host trains at ~{teacher_rate:.1f} examples/s (teacher) and ~{student_rate:.1f} (student): "
@@ -99,17 +100,13 @@ def plan_for(teacher_rate: float, student_rate: float, bf16: bool, compute_s: fl
     )
 
 
-def _cost(teacher_rate: float, student_rate: float):
-    """Seconds of a plan of (teacher examples, student examples): fixed costs, the teacher's epoch and dev
-    evaluation, its logits for the students' examples and dev, then the runs × EPOCHS × (train + evaluate dev)."""
-
-    def cost(teacher_examples: int, student_examples: int) -> float:
-        teacher = teacher_examples / teacher_rate + COLA_DEV / (EVAL_SPEEDUP * teacher_rate)
-        logits = (student_examples + COLA_DEV) / (EVAL_SPEEDUP * teacher_rate)
-        runs = (TRIALS + 1) * EPOCHS * (student_examples / student_rate + COLA_DEV / (EVAL_SPEEDUP * student_rate))
-        return FIXED_S + (TRIALS + 2) * PER_RUN_S + teacher + logits + runs
-
-    return cost
+def _cost(teacher_rate: float, student_rate: float, teacher_examples: int, student_examples: int) -> float:
+    """Seconds of a plan: fixed costs, the teacher's epoch and dev evaluation, its logits for the students'
+    examples and dev, then the runs × EPOCHS × (train + evaluate dev)."""
+    teacher = teacher_examples / teacher_rate + COLA_DEV / (EVAL_SPEEDUP * teacher_rate)
+    logits = (student_examples + COLA_DEV) / (EVAL_SPEEDUP * teacher_rate)
+    runs = (TRIALS + 1) * EPOCHS * (student_examples / student_rate + COLA_DEV / (EVAL_SPEEDUP * student_rate))
+    return FIXED_S + (TRIALS + 2) * PER_RUN_S + teacher + logits + runs
 
 
 def measure(model: str, bf16: bool, data_dir: str | None, batch: int, steps: int = 4) -> float:
@@ -211,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     print(describe_precision(args.bf16, torch.device("cpu")), flush=True)
     spent = time.time() - args.started_at if args.started_at else 0.0
     print("demo: measuring this host (teacher and student training steps, about a minute)", flush=True)
-    teacher_rate = TEACHER_IN_STUDY * measure(TEACHER, bf16, args.data_dir, TEACHER_BATCH)
+    teacher_rate = TEACHER_IN_STUDY * measure(TEACHER, bf16, args.data_dir, TEACHER_BATCH_SIZE)
     student_rate = STUDENT_IN_STUDY * measure(STUDENT, bf16, args.data_dir, STUDENT_BATCH)
     spent = time.time() - args.started_at if args.started_at else spent
     budget_min = args.budget_min if args.budget_min is not None else DEFAULT_BUDGET_MIN

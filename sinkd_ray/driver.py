@@ -20,7 +20,7 @@ from pathlib import Path
 from ray.train import UserCallback
 
 from sinkd_ray import checkpoints
-from sinkd_ray.config import DistillConfig, RunSpec, RuntimeConfig, TrainConfig, parse_resources
+from sinkd_ray.config import TEACHER_BATCH_SIZE, DistillConfig, RunSpec, RuntimeConfig, TrainConfig, parse_resources
 from sinkd_ray.data import load_split, local_split_path
 from sinkd_ray.errors import SinkdError
 from sinkd_ray.models import check_weights, has_task_head, layer_count, load_config, model_fingerprint
@@ -118,7 +118,7 @@ def prepare_run(
     *,
     teacher_base: str | None = None,
     teacher_train: TrainConfig | None = None,
-    teacher_batch_size: int = 32,
+    teacher_batch_size: int = TEACHER_BATCH_SIZE,
     max_batch_size: int | None = None,
     trial_cpu: float = 0.0,
 ) -> PreparedRun:
@@ -526,7 +526,7 @@ def export_best(result, output_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the teacher
-def teacher_run_spec(base: str, train: TrainConfig, batch_size: int = 32) -> RunSpec:
+def teacher_run_spec(base: str, train: TrainConfig, batch_size: int = TEACHER_BATCH_SIZE) -> RunSpec:
     """CE fine-tuning of ``base`` with the run's data, length and precision settings (one worker)."""
     return RunSpec(
         replace(train, student=base, student_layers=None, teacher=None, fault_at_step=None),
@@ -540,7 +540,7 @@ def finetune_teacher(
     layout: StorageLayout,
     runtime: RuntimeConfig,
     output_dir: Path | None = None,
-    batch_size: int = 32,
+    batch_size: int = TEACHER_BATCH_SIZE,
 ) -> Path:
     """Fine-tune ``base`` on the task with CE only, once: a finished teacher with the same inputs is reused.
 

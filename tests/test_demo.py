@@ -15,7 +15,7 @@ def test_a_fast_host_trains_on_all_of_cola_and_a_slower_one_on_less_within_the_s
     for plan in (fast, slow):
         assert plan.expected_s <= 18 * 60 + 1  # the plan fits the time it was given
     # the plan is the most that fits: a little more data for the students would not
-    assert _cost(14.0, 80.0)(slow.teacher_examples, slow.student_examples + 50) > 18 * 60
+    assert _cost(14.0, 80.0, slow.teacher_examples, slow.student_examples + 50) > 18 * 60
     assert "float32 host at ~14 examples/s" in slow.line() and "expect ~" in slow.line()
     assert "too few" not in slow.line()
 
