@@ -20,17 +20,18 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-import pyarrow as pa
 import torch
-from datasets.table import InMemoryTable
 from torch.utils.data import DataLoader, Sampler
 
 from sinkd_ray.errors import SinkdError
 from sinkd_ray.hub import hub_reachable
 from sinkd_ray.tasks import ReleaseFormat, Task, get_task
+
+if TYPE_CHECKING:
+    import datasets
 
 DATA_DIR_ENV = "SINKD_DATA_DIR"
 _POINT_AT_LOCAL = (
@@ -58,6 +59,8 @@ def _release(task: Task) -> ReleaseFormat:
 
 
 def _features(task: Task) -> datasets.Features:
+    import datasets
+
     return datasets.Features(
         {
             **{field: datasets.Value("string") for field in task.text_fields},
@@ -194,6 +197,10 @@ def read_local_split(task: Task | str, split: str, data_dir: str | os.PathLike) 
         raise SinkdError(f"{path} holds no examples — expected the {task.name} {split} split")
     # Built with an explicit fingerprint (the file's bytes): `from_dict` would hash the whole table through
     # dill, which is slow and, inside Ray workers, prints bytecode into the logs.
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
     features = _features(task)
     table = pa.Table.from_pydict(
         {**columns, "label": labels, "idx": list(range(len(labels)))}, schema=features.arrow_schema
@@ -212,6 +219,8 @@ def read_hub_split(task: Task | str, split: str) -> datasets.Dataset:
     task = get_task(task)
     split = _canonical_split(task, split)
     hub_split = task.hub_split(split)
+    import datasets
+
     if not hub_reachable():
         try:  # a copy in the datasets cache works offline
             dataset = datasets.load_dataset(

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from sinkd_ray.errors import SinkdError
 
@@ -341,6 +340,10 @@ def compute_metrics(task: Task | str, predictions, labels) -> dict[str, float]:
             f"compute_metrics got {predictions.size} predictions for {labels.size} labels — pass one "
             f"prediction per labelled example"
         )
+    # imported here: scikit-learn (with SciPy) costs seconds in every Ray process that imports this module, and
+    # most of them (trial actors, Train controllers, the CLI) never compute a metric
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
     metrics = {"accuracy": float(accuracy_score(labels, predictions))}
     for name in (task.metric, *task.also_report):
         if name == "mcc":
