@@ -355,6 +355,9 @@ def ray_cluster():
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Train V2 starts a preemption-watcher actor (a process importing Ray, ~3 s of CPU) for every run; nothing
+    # preempts a node of this local runtime, and the suite starts dozens of runs. The runtime's processes inherit it.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # The dashboard is not optional: Ray Train's placement-group cleaner asks its state API whether a run's
     # controller is alive. Its port is chosen freely so that another local runtime (a study beside the tests)
     # holding 8265 does not leave this cluster without one.

@@ -204,6 +204,8 @@ def small_disk(tmp_path):
 
 
 SPACE = "sampler: grid\nsearch:\n  lr: {choice: [1.0e-2, 3.0e-3]}\nfixed:\n  batch_size: 16\n  epochs: 3\n"
+# One trial where one shows the behaviour: every trial is a Ray Train run of several processes (seconds of CPU each).
+ONE_TRIAL = SPACE.replace("[1.0e-2, 3.0e-3]", "[1.0e-2]")
 
 
 def _runs_by_status(storage: Path) -> dict:
@@ -256,7 +258,7 @@ def test_a_study_whose_storage_fills_up_ends_in_one_line_and_resumes_once_space_
     disk = small_disk("48m")
     storage = disk / "runs"
     space = tmp_path / "space.yaml"
-    space.write_text(SPACE)
+    space.write_text(ONE_TRIAL)
     argv = tiny_study_argv(tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, space, storage, "--name", "full")
     proc = _study_at_its_first_checkpoint(argv, storage, "full", stdout=(tmp_path / "study.log").open("w"))
     filler = disk / "filler"
@@ -381,7 +383,7 @@ def test_sigterm_during_a_study_stops_it_like_ctrl_c(
     ray.init's own fatal-signal handler used to take SIGTERM over and abort the driver (exit -6, runs RUNNING)."""
     storage = tmp_path / "runs"
     space = tmp_path / "space.yaml"
-    space.write_text(SPACE)
+    space.write_text(ONE_TRIAL)
     argv = tiny_study_argv(tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, space, storage, "--name", "term")
     proc = _study_at_its_first_checkpoint(argv, storage, "term", stdout=subprocess.DEVNULL)
     proc.send_signal(signal.SIGTERM)
