@@ -456,6 +456,15 @@ class Rehearsal:
         self.report["job_status"] = str(client.get_job_status(job))
         (self.out / "job.log").write_text(client.get_job_logs(job))
         self.report["placements"] = self.placements()
+        self.report["bucket_keys"] = self.bucket_keys()
+
+    def bucket_keys(self) -> list[str]:
+        """Every object key in the bucket, with checkpoint and trial names folded to ``*``: what the study put there."""
+        keys = set()
+        for page in self.boto.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+            for item in page.get("Contents", []):
+                keys.add(re.sub(r"(trial|checkpoint)_[^/]+", r"\1_*", item["Key"]))
+        return sorted(keys)
 
     def read_mlflow(self) -> None:
         from mlflow.tracking import MlflowClient

@@ -1,15 +1,14 @@
-"""Scale-out: cluster.yaml against Ray's schema and our checks, the node-side setup commands, and a study whose
-trials run on two Ray nodes."""
+"""Scale-out: cluster.yaml against Ray's schema and our checks, and the node-side setup commands. A study on
+separate nodes and bucket storage is the cluster rehearsal (tests/rehearsal.py, read by test_rehearsal.py)."""
 
 import copy
-import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import free_port, tiny_study_argv
+from conftest import free_port
 
 from sinkd_ray.cluster import load_cluster_file, main, validate_cluster_config
 from sinkd_ray.errors import SinkdError
@@ -323,85 +322,6 @@ def test_the_head_starts_mlflow_once_on_the_configured_backend_and_fails_loudly_
     with pytest.raises(SinkdError, match="the MLflow server exited with code") as info:
         node_setup.start_mlflow_server(port=free_port(), wait_s=300)
     assert "\n" not in str(info.value)
-
-
-# ----------------------------------------------------------------------------------------- multi-node
-
-
-SPACE = """\
-sampler: grid
-search:
-  lr: {choice: [1.0e-2, 3.0e-3]}
-fixed:
-  batch_size: 16
-  epochs: 1
-"""
-
-
-@pytest.mark.ray
-def test_a_study_on_two_nodes_and_uri_storage_completes(
-    tmp_path, ray_cluster, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, monkeypatch, capsys
-):
-    """Two concurrent trials, each worker needing the one unit of NODE_SLOT every node has: they must run on
-    different nodes (the head and the worker node of the session's local cluster).
-
-    The storage is a file:// URI, which Ray reaches through pyarrow exactly like s3:// or gs://: the teacher's
-    logits travel through the object store, the driver's own files go to $SINKD_CACHE_DIR, and the best
-    checkpoint is fetched from the storage URI before it is registered."""
-    import mlflow
-    import ray
-    from conftest import NODE_SLOT
-    from mlflow.tracking import MlflowClient
-
-    from sinkd_ray.models import load_student
-    from sinkd_ray.tasks import get_task
-    from sinkd_ray.tune import main as tune_main
-
-    assert len([n for n in ray.nodes() if n["Alive"]]) >= 2
-    space = tmp_path / "space.yaml"
-    space.write_text(SPACE)
-    monkeypatch.setenv("SINKD_CACHE_DIR", str(tmp_path / "driver-cache"))
-    bucket, tracking = tmp_path / "bucket", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = tiny_study_argv(tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, space, bucket.as_uri()) + (
-        f"--tracking-uri {tracking} --num-trials 2 --max-concurrent-trials 2 --cpus-per-worker 1 "
-        f"--worker-resources {NODE_SLOT}=1 --name multinode".split()
-    )
-    assert tune_main(argv) == 0
-    assert "registered model: sinkd-cola-student" in capsys.readouterr().out
-
-    # Trials ran on two different nodes (placement.json: the node of every rank, written by the workers).
-    placements = [
-        json.loads(p.read_text())["node_ids"]
-        for p in (bucket / "multinode-train").glob("trial_*/checkpoint_*/placement.json")
-    ]
-    trial_nodes = {nodes[0] for nodes in placements}
-    assert len(placements) == 2 and len(trial_nodes) == 2, placements
-    assert trial_nodes <= {n["NodeID"] for n in ray.nodes()}
-
-    # Checkpoints live on the storage URI; the driver's cache and exported student on the driver.
-    assert len(list((bucket / "multinode-train").glob("trial_*/checkpoint_*/student/config.json"))) == 2
-    assert list((tmp_path / "driver-cache" / "teacher_cache").glob("*.safetensors"))
-    assert (tmp_path / "driver-cache" / "multinode" / "best_student" / "config.json").exists()
-    assert not (bucket / "teacher_cache").exists()
-    # Inputs only the driver's disk had (the student folder, the task's data files) were shipped to the storage
-    # for the workers (`storage.ship` / `localize`).
-    shipped = {p.name for p in (bucket / "_inputs").glob("*/*")}
-    assert Path(tiny_bert_dir).name in shipped and "cola-data" in shipped
-
-    # Results and the registered model are complete.
-    client = MlflowClient(tracking)
-    experiment = client.get_experiment_by_name("sinkd-cola")
-    runs = client.search_runs([experiment.experiment_id])
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    trials = [r for r in children if "sinkd.trial_id" in r.data.tags]
-    assert {r.data.tags.get("sinkd.role") for r in children if r not in trials} <= {"teacher", "ce-baseline"}
-    assert len(trials) == 2 and all(client.get_metric_history(c.info.run_id, "dev_metric") for c in trials)
-    version = client.get_model_version_by_alias("sinkd-cola-student", "best")
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=version.source, dst_path=str(tmp_path / "dl"), tracking_uri=client.tracking_uri
-    )
-    student = load_student(Path(local) / "model", get_task("cola"))  # the transformers flavour's weights
-    assert student(torch.tensor([[2, 5, 3]]), torch.ones(1, 3, dtype=torch.long)).shape == (1, 2)
 
 
 # ------------------------------------------------------------------------------ what the containers get
