@@ -264,6 +264,22 @@ def train_one(job: dict) -> dict:
     return {**job["record"], **summarise_history(history), "history": history, "wall_s": time.time() - t0}
 
 
+def run_in_processes(fn, jobs: list, workers: int, done) -> None:
+    """``done(fn(job))`` for every job, ``workers`` jobs at a time in spawned processes. Interrupted (Ctrl+C, or
+    `kill`, which `run_cli` turns into one), the runs in progress end too: leaving the pool's ``with`` block waits
+    for them (minutes each), and ProcessPoolExecutor can stop its workers itself only from Python 3.14."""
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    try:
+        for future in as_completed([pool.submit(fn, job) for job in jobs]):
+            done(future.result())
+    except BaseException:
+        for process in list((pool._processes or {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
 def summarise_history(history: list[dict]) -> dict:
     """One run's figures. ``selected``: dev at the evaluation with the best held-out metric (the first of equals;
     the honest figure: dev is read once, for an epoch chosen without it); without a held-out slice that is the best
@@ -591,9 +607,7 @@ def main(argv: list[str] | None = None) -> int:
             for job in jobs:
                 finished(train_one(job))
             return
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(train_one, job) for job in jobs]):
-                finished(future.result())
+        run_in_processes(train_one, jobs, args.jobs, finished)
 
     def collect(values: dict) -> dict[str, list[dict]]:
         records: dict[str, list[dict]] = {}

@@ -3,7 +3,9 @@
 import csv
 import importlib.util
 import math
+import os
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -250,3 +252,41 @@ def test_teacher_base_is_fine_tuned_first_even_when_a_generative_model_could_tea
     with pytest.raises(SinkdError, match="give one of them"):
         prepare("--teacher", str(tiny_gptneo_dir), "--teacher-base", str(tiny_gptneo_dir))
     assert not calls
+
+
+def sleep_then_pid(seconds: float, folder: str) -> int:
+    """A job for `run_in_processes` (module level: spawned processes import it): its pid on disk, then a nap."""
+    (Path(folder) / str(os.getpid())).write_text("")
+    time.sleep(seconds)
+    (Path(folder) / f"{os.getpid()}.done").write_text("")
+    return os.getpid()
+
+
+def test_an_interrupted_reproduction_ends_the_runs_in_progress(reproduce, tmp_path):
+    """Ctrl+C (or `kill`, made one by run_cli) while two runs train: both processes end instead of training on."""
+    from functools import partial
+
+    def interrupted(_):  # the first run is done; Ctrl+C once the other two are training
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("[0-9]*[0-9]"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.run_in_processes(partial(sleep_then_pid, folder=str(tmp_path)), [0.5, 20, 20], 3, interrupted)
+    pids = [int(p.name) for p in tmp_path.glob("[0-9]*[0-9]")]
+    assert len(pids) == 3
+    deadline = time.monotonic() + 30  # a bound on the wait, not a performance figure: terminate is asynchronous
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in pids if _alive(pid)]
+    time.sleep(20)  # long enough for a run left going to finish and say so
+    assert len(list(tmp_path.glob("*.done"))) == 1  # the first run only: the two in progress did not train on
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its parent has not reaped it yet
