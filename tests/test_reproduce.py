@@ -273,14 +273,14 @@ def test_an_interrupted_reproduction_ends_the_runs_in_progress(reproduce, tmp_pa
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        reproduce.run_in_processes(partial(sleep_then_pid, folder=str(tmp_path)), [0.5, 20, 20], 3, interrupted)
+        reproduce.run_in_processes(partial(sleep_then_pid, folder=str(tmp_path)), [0.5, 10, 10], 3, interrupted)
     pids = [int(p.name) for p in tmp_path.glob("[0-9]*[0-9]")]
     assert len(pids) == 3
     deadline = time.monotonic() + 30  # a bound on the wait, not a performance figure: terminate is asynchronous
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in pids if _alive(pid)]
-    time.sleep(20)  # long enough for a run left going to finish and say so
+    time.sleep(10)  # long enough for a run left going to finish and say so
     assert len(list(tmp_path.glob("*.done"))) == 1  # the first run only: the two in progress did not train on
 
 
