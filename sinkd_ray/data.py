@@ -216,11 +216,11 @@ def read_local_split(task: Task | str, split: str, data_dir: str | os.PathLike) 
 # ------------------------------------------------------------------------------------------------------- hub
 def read_hub_split(task: Task | str, split: str) -> datasets.Dataset:
     """``split`` of ``task`` from the Hugging Face hub, with the same columns and label ids as a local copy."""
+    import datasets
+
     task = get_task(task)
     split = _canonical_split(task, split)
     hub_split = task.hub_split(split)
-    import datasets
-
     if not hub_reachable():
         try:  # a copy in the datasets cache works offline
             dataset = datasets.load_dataset(
