@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-def _main(argv: list[str]) -> int:
+def _read_command_line(argv: list[str]):
+    """The study's settings, runtime, task, search space (less what a flag fixes) and base run, all checked."""
     parser = build_parser()
     args = parse_args(parser, argv)
     cfg, runtime = config_from_args(StudyConfig, args), config_from_args(RuntimeConfig, args)
@@ -80,6 +81,22 @@ def _main(argv: list[str]) -> int:
         space, RunSpec(config_from_args(TrainConfig, args), config_from_args(DistillConfig, args)), typed
     )
     study.check_space(space, spec)
+    return cfg, runtime, task, space, spec
+
+
+def _teacher_train(spec: RunSpec, cfg: StudyConfig) -> TrainConfig:
+    """How a --teacher-base is fine-tuned: the study's run settings with the teacher's epochs, lr and examples."""
+    return replace(
+        spec.train,
+        epochs=cfg.teacher_epochs,
+        lr=cfg.teacher_lr,
+        workers=1,
+        max_train_examples=cfg.teacher_max_train_examples or spec.train.max_train_examples,
+    )
+
+
+def _main(argv: list[str]) -> int:
+    cfg, runtime, task, space, spec = _read_command_line(argv)
     layout = StorageLayout.at(runtime.storage_path)
     name = _study_name(cfg, layout, task.name)
     lock = layout.lock_study(name)  # noqa: F841 - held until this process ends
@@ -90,19 +107,12 @@ def _main(argv: list[str]) -> int:
     num_trials = cfg.num_trials or (space.grid_size() if space.sampler == "grid" else 8)
     _check_free_space(layout, spec, cfg)
 
-    teacher_train = replace(
-        spec.train,
-        epochs=cfg.teacher_epochs,
-        lr=cfg.teacher_lr,
-        workers=1,
-        max_train_examples=cfg.teacher_max_train_examples or spec.train.max_train_examples,
-    )
     prepared = prepare_run(
         spec,
         layout,
         runtime,
         teacher_base=cfg.teacher_base,
-        teacher_train=teacher_train,
+        teacher_train=_teacher_train(spec, cfg),
         teacher_batch_size=cfg.teacher_batch_size,
         max_batch_size=int(study.largest(space, spec, "batch_size")),
         trial_cpu=study.TRIAL_CPU,
