@@ -383,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = sub.add_parser("mlflow-server", help="on the head: start the MLflow tracking server (127.0.0.1:5000)")
     server.add_argument("--port", type=int, default=5000, help="its port on the loopback")
+    server.add_argument(
+        "--wait-s", type=float, default=180.0, help="how long to wait for its /health answer (a busy head is slower)"
+    )
     args = parser.parse_args(argv)
     if args.command == "check":
         prepared = load_cluster_file(args.path)
@@ -399,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "check-gpus":
         print(f"check-gpus: {node_setup.check_declared_gpus()}")
     else:
-        print(f"MLflow server: {node_setup.start_mlflow_server(port=args.port)}")
+        print(f"MLflow server: {node_setup.start_mlflow_server(port=args.port, wait_s=args.wait_s)}")
     return 0
 
 

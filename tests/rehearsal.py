@@ -283,9 +283,10 @@ class Rehearsal:
         self.mlflow_port = free_port()
         for command in (
             ["python", "-m", "sinkd_ray.cluster", "preflight", "--head"],
-            ["python", "-m", "sinkd_ray.cluster", "mlflow-server", "--port", str(self.mlflow_port)],
+            # 900 s, not 180: it starts while the test session starts its own studies beside it
+            ["python", "-m", "sinkd_ray.cluster", "mlflow-server", "--port", str(self.mlflow_port), "--wait-s", "900"],
         ):
-            done = subprocess.run(command, env=head_env, capture_output=True, text=True, cwd="/", timeout=300)
+            done = subprocess.run(command, env=head_env, capture_output=True, text=True, cwd="/", timeout=1000)
             (self.out / "head-setup.log").open("a").write(done.stdout + done.stderr)
             assert done.returncode == 0, f"{' '.join(command)}: {done.stderr[-1500:]}"
         self.mlflow = f"http://127.0.0.1:{self.mlflow_port}"
