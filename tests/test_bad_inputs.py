@@ -3,7 +3,6 @@ with nothing half-done (no Ray runtime waited on for ever, no MLflow run left RU
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -373,24 +372,6 @@ def test_a_tracking_store_on_a_full_disk_costs_one_line_not_a_traceback(small_di
         logging.getLogger("mlflow.store.db.utils").removeHandler(seen)
     assert "MLflow: could not log a result (" in capsys.readouterr().out
     assert not records, [r.getMessage()[:200] for r in records]
-
-
-@pytest.mark.ray
-def test_sigterm_during_a_study_stops_it_like_ctrl_c(
-    tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
-):
-    """`kill` (a scheduler's stop, a closed terminal): exit 130 with the interrupted line, every MLflow run ended.
-    ray.init's own fatal-signal handler used to take SIGTERM over and abort the driver (exit -6, runs RUNNING)."""
-    storage = tmp_path / "runs"
-    space = tmp_path / "space.yaml"
-    space.write_text(ONE_TRIAL)
-    argv = tiny_study_argv(tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, space, storage, "--name", "term")
-    proc = _study_at_its_first_checkpoint(argv, storage, "term", stdout=subprocess.DEVNULL)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, (proc.returncode, err[-2000:])
-    assert "interrupted" in err and "--resume --name term" in err, err[-2000:]
-    assert "RUNNING" not in _runs_by_status(storage).values()
 
 
 def test_a_refused_resume_leaves_the_study_run_as_it_found_it(tmp_path):

@@ -29,8 +29,9 @@ fixed:
 
 REPO = Path(__file__).resolve().parents[1]
 # lr 1e-2 learns the fixture's rule within the first epoch (24 steps), lr 1e-5 does not: ASHA has something
-# to stop. A grid (Optuna's GridSampler) so both learning rates are tried; with --seed 0 a learning trial
-# comes first, so a later non-learning one falls below the cutoff at the first rung.
+# to stop. A grid (Optuna's GridSampler): with --seed 0 its first two points are (1e-2, 0.3) then (1e-5, 0.3), so
+# a two-trial study tries both learning rates, the learning one first, and the second falls below the cutoff at
+# the first rung (sinkd_ray.study.searcher(load_search_space(path, "cola"), 0).suggest(...) shows the order).
 SPACE = """\
 sampler: grid
 search:
@@ -156,10 +157,11 @@ def _nested(client) -> dict:
 
 
 @pytest.mark.ray
-def test_three_trial_study_tracks_registers_and_stops_early(
+def test_a_two_trial_study_tracks_registers_and_stops_early(
     tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher, tune_data_dir
 ):
-    argv = _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, "--num-trials", "4", "--name", "s1")
+    # two trials where two show it: each trial is a Ray Train run of several processes (seconds of CPU each)
+    argv = _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, "--num-trials", "2", "--name", "s1")
     out = _study(argv)
     assert "best trial" in out and "registered model: sinkd-cola-student version 1" in out
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'runs' / 'mlflow.db'}" in out
@@ -167,7 +169,7 @@ def test_three_trial_study_tracks_registers_and_stops_early(
     client = _client(tmp_path)
     parents, children = _study_runs(client)
     nested = _nested(client)
-    assert len(parents) == 1 and len(children) == 4
+    assert len(parents) == 1 and len(children) == 2
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     for child in children:
         # every setting of the run, not only the searched ones; the run's own metrics, not Tune's bookkeeping
@@ -188,8 +190,11 @@ def test_three_trial_study_tracks_registers_and_stops_early(
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the training view, not GenAI
     # ASHA (grace 1, reduction 2) cut at least one trial before its last epoch — and none of them crashed
     # (a crashed trial also stops early, so the statuses are checked too).
-    iterations = [len(client.get_metric_history(c.info.run_id, "dev_metric")) for c in children]
-    assert min(iterations) < 3, iterations
+    # The learning trial (lr 1e-2, first) ran its 3 epochs; the other was cut at the first rung.
+    iterations = {
+        float(c.data.params["lr"]): len(client.get_metric_history(c.info.run_id, "dev_metric")) for c in children
+    }
+    assert iterations == {1e-2: 3, 1e-5: 1}, iterations
     assert all(c.info.status == "FINISHED" for c in children), [c.info.status for c in children]
     assert "stopped early by ASHA" in out and "failed" not in out
 
@@ -226,47 +231,6 @@ def test_three_trial_study_tracks_registers_and_stops_early(
     assert mcc == pytest.approx(parents[0].data.metrics["best_dev_metric"], abs=1e-6)
     answer = _served(client.tracking_uri, "models:/sinkd-cola-student@best", ["the man is good ."])
     assert answer["predictions"][0]["label"] in {"acceptable", "unacceptable"}
-
-
-@pytest.mark.ray
-def test_tpe_study_with_a_diverging_trial_registers_a_finite_student(
-    tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher, tune_data_dir
-):
-    """TPE end to end; the trials TPE gives lr 1e30 diverge: each fails alone (ERROR, with the reason), the study
-    goes on, and the registered student is a finite one from another trial."""
-    import math
-
-    from safetensors.torch import load_file
-
-    argv = _argv(
-        tmp_path,
-        tiny_bert_dir,
-        tiny_teacher,
-        tune_data_dir,
-        "--num-trials",
-        "3",
-        "--name",
-        "tpe",
-        "--alpha",
-        "0.25",  # the space searches α in [0, 0.3]: the flag fixes it for every trial
-        space_text=TPE_SPACE,
-    )
-    out = _study(argv)
-    assert "--alpha fixes alpha for every trial" in out
-    client = _client(tmp_path)
-    _, children = _study_runs(client)
-    assert {c.data.params["alpha"] for c in children} == {"0.25"}
-    lrs = {c.data.tags["sinkd.trial_id"]: float(c.data.params["lr"]) for c in children}
-    assert len(lrs) == 3 and {1e-2, 1e30} <= set(lrs.values())  # seed 0: TPE tried both
-    for child in children:
-        diverged = float(child.data.params["lr"]) == 1e30
-        assert child.info.status == ("FAILED" if diverged else "FINISHED"), child.data.params
-    assert "failed (" in out and "diverged: lower the learning rate" in out
-    version = client.get_model_version_by_alias("sinkd-cola-student", "best")
-    assert lrs[client.get_run(version.run_id).data.tags["sinkd.trial_id"]] == 1e-2
-    weights = load_file(str(tmp_path / "runs" / "tpe" / "best_student" / "model.safetensors"))
-    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
-    assert not math.isnan(float(out.split("dev mcc = ")[1].split()[0]))
 
 
 @pytest.mark.ray
@@ -312,9 +276,13 @@ def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(
         assert time.time() - last_change < 300, (
             f"stalled: no evaluation for 300 s ({lengths})\n{log.read_text()[-3000:]}"
         )
-    proc.send_signal(signal.SIGINT)
+    # SIGTERM (`kill`, a scheduler's stop, a closed terminal), which the CLI turns into Ctrl+C's SIGINT: one study
+    # shows both. ray.init's own fatal-signal handler used to take SIGTERM over and abort the driver (exit -6, runs
+    # left RUNNING).
+    proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=180) == 130, log.read_text()[-3000:]  # "interrupted … --resume", not a summary
-    assert "nothing registered" in log.read_text()
+    said = log.read_text()
+    assert "nothing registered" in said and "interrupted" in said and "--resume --name s2" in said, said[-3000:]
     client = _client(tmp_path)
     parents, before = _study_runs(client)
     assert parents[0].info.status == "KILLED" and not client.search_registered_models()
@@ -481,11 +449,19 @@ def test_asha_max_t_follows_a_searched_epochs_range():
 
 
 @pytest.mark.ray
-def test_a_study_on_its_own_runtime_finishes_beside_another_local_runtime(
+def test_a_tpe_study_on_its_own_runtime_beside_another_registers_a_finite_student_past_diverging_trials(
     tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher, tune_data_dir
 ):
     """Two local Ray runtimes on one machine (this test session's and the study's own): Ray Train's placement-
-    group cleaner used to fail with "multiple active Ray instances" and the second trial waited forever."""
+    group cleaner used to fail with "multiple active Ray instances" and the second trial waited forever.
+    The study is TPE's, end to end; the trial TPE gives lr 1e30 diverges: it fails alone (ERROR, with the
+    reason), the study goes on, and the registered student is a finite one from the other trial. (One study shows
+    both: each study is several Ray Train runs of several processes, seconds of CPU each.)"""
+    import math
+
+    from safetensors.torch import load_file
+
+    # two trials: with seed 0 TPE gives the first lr 1e30 (it diverges), the second 1e-2, which must still run
     argv = _argv(
         tmp_path,
         tiny_bert_dir,
@@ -494,13 +470,31 @@ def test_a_study_on_its_own_runtime_finishes_beside_another_local_runtime(
         "--num-trials",
         "2",
         "--name",
-        "own",
-        "--grace-period",
-        "3",
+        "tpe",
+        "--alpha",
+        "0.25",  # the space searches α in [0, 0.3]: the flag fixes it for every trial
+        space_text=TPE_SPACE,
     )
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     # a hang (the old deadlock: the second trial waiting for ever) stops the progress lines; a slow host does not
     proc = run_watched([sys.executable, "-m", "sinkd_ray.tune", *argv], tmp_path / "own.log", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "study own: 2 trials" in proc.stdout and "registered model" in proc.stdout
+    out = proc.stdout
+    assert "study tpe: 1 trials in" in out and "1 failed (" in out and "registered model" in out
     assert "Token authentication is enabled" in proc.stderr  # the runtime it started refuses unauthenticated calls
+
+    assert "--alpha fixes alpha for every trial" in out
+    client = _client(tmp_path)
+    _, children = _study_runs(client)
+    assert {c.data.params["alpha"] for c in children} == {"0.25"}
+    lrs = {c.data.tags["sinkd.trial_id"]: float(c.data.params["lr"]) for c in children}
+    assert sorted(lrs.values()) == [1e-2, 1e30]  # seed 0: TPE tried both
+    for child in children:
+        diverged = float(child.data.params["lr"]) == 1e30
+        assert child.info.status == ("FAILED" if diverged else "FINISHED"), child.data.params
+    assert "failed (" in out and "diverged: lower the learning rate" in out
+    version = client.get_model_version_by_alias("sinkd-cola-student", "best")
+    assert lrs[client.get_run(version.run_id).data.tags["sinkd.trial_id"]] == 1e-2
+    weights = load_file(str(tmp_path / "runs" / "tpe" / "best_student" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    assert not math.isnan(float(out.split("dev mcc = ")[1].split()[0]))
