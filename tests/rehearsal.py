@@ -283,7 +283,7 @@ class Rehearsal:
         self.mlflow_port = free_port()
         for command in (
             ["python", "-m", "sinkd_ray.cluster", "preflight", "--head"],
-            # 900 s, not 180: it starts while the test session starts its own studies beside it
+            # 900 s, not 180: it starts beside the rest of the test session, on a loaded 2-core host
             ["python", "-m", "sinkd_ray.cluster", "mlflow-server", "--port", str(self.mlflow_port), "--wait-s", "900"],
         ):
             done = subprocess.run(command, env=head_env, capture_output=True, text=True, cwd="/", timeout=1000)
