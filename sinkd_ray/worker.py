@@ -103,6 +103,20 @@ def shard_student(student: LogitModel, world_size: int, device: torch.device, bf
     fully_shard(student.hf_model, mesh=mesh, mp_policy=policy)
 
 
+def linear_schedule_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int):
+    """lr × t / warmup for t < warmup, then lr × (total − t) / (total − warmup), down to 0 at ``total``: the
+    schedule of transformers' ``get_linear_schedule_with_warmup`` (a test compares the two step by step), as
+    torch's own LambdaLR. Not imported from transformers: ``transformers.optimization`` imports its Trainer's
+    utilities, which import peft, bitsandbytes and torch's inductor — 2.7 s of CPU in every worker process."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -243,11 +257,9 @@ class DistillRecipe:
                 f"{self.dcfg.batch_size} × grad_accum_steps={tcfg.grad_accum_steps} — use a smaller "
                 "batch or more data"
             )
-        from transformers import get_linear_schedule_with_warmup
-
         total = self.steps_per_epoch * tcfg.epochs
         warmup = int(tcfg.warmup_ratio * total)
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, total)
+        self.scheduler = linear_schedule_with_warmup(self.optimizer, warmup, total)
         self.online = (
             OnlineTeacher(self.teacher, self.dcfg, total_steps=total, warmup_steps=warmup)
             if self.dcfg.online_teacher

@@ -18,10 +18,36 @@ from sinkd_ray.models import load_student, load_teacher
 from sinkd_ray.objective import sinkd_objective
 from sinkd_ray.tasks import get_task
 from sinkd_ray.teacher_cache import LogitsRequest, cached_teacher_logits, load_teacher_logits
-from sinkd_ray.worker import RunFailed, TeacherLogits, WorkerContext, distill, evaluate, global_gather
+from sinkd_ray.worker import (
+    RunFailed,
+    TeacherLogits,
+    WorkerContext,
+    distill,
+    evaluate,
+    global_gather,
+    linear_schedule_with_warmup,
+)
 
 B, D, FEATURES = 8, 3, 5
 COLA = get_task("cola")
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 7), (3, 10), (10, 10), (4, 3)])
+def test_the_learning_rate_schedule_is_transformers_linear_warmup_step_for_step(warmup, total):
+    from transformers import get_linear_schedule_with_warmup
+
+    def lrs(make):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
+        scheduler = make(optimizer, warmup, total)
+        out = []
+        for _ in range(total + 3):  # past the end: stays at 0
+            out.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    ours, theirs = lrs(linear_schedule_with_warmup), lrs(get_linear_schedule_with_warmup)
+    assert ours == pytest.approx(theirs, abs=1e-15) and max(ours) > 0
 
 
 # ------------------------------------------------------------------------------ global-batch Sinkhorn
