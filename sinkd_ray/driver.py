@@ -422,6 +422,7 @@ def fit(trainer, run_dir: str, start_timeout_s: int = LOCAL_START_TIMEOUT_S):
     process's environment and hands it to the run's controller)."""
     import os
 
+    from ray.exceptions import NodeDiedError, RayActorError, RaySystemError
     from ray.train import TrainingFailedError
 
     os.environ[START_TIMEOUT_ENV] = str(int(start_timeout_s))
@@ -437,6 +438,12 @@ def fit(trainer, run_dir: str, start_timeout_s: int = LOCAL_START_TIMEOUT_S):
             f"{run_dir} and /tmp/ray/session_latest/logs; rerun the same command to resume from its "
             "last checkpoint"
         ) from exc
+    except (RayActorError, NodeDiedError, RaySystemError) as exc:  # the run's controller, its node or Ray itself
+        raise SinkdError(
+            f"run {run_dir.rsplit('/', 1)[-1]}: the Ray runtime under it went away ({type(exc).__name__}: "
+            f"{first_error_line(exc)[:160]}) — was `ray stop` run, or the head lost? Start Ray again and rerun "
+            "the same command: the run resumes from its last checkpoint"
+        ) from None
     failure = _read(run_dir, FAILURE_FILE)
     if failure is not None:
         raise SinkdError(json.loads(failure)["message"])

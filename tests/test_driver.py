@@ -494,3 +494,22 @@ def test_the_teachers_batch_size_reaches_its_run_and_its_cache_key(tmp_path, mon
     assert small != default and [spec.distill.batch_size for spec in runs] == [16, 32]
     assert driver.finetune_teacher(str(tiny_bert_dir), train, layout, runtime, batch_size=16) == small
     assert len(runs) == 2  # reused, not trained again
+
+
+def test_a_ray_runtime_that_goes_away_under_a_run_is_one_line_that_says_how_to_resume(tmp_path):
+    """`ray stop` (or a lost head) under a running fit: Ray raises its actor error from deep inside Train V2; the
+    command says in one line what happened and that rerunning resumes, instead of a traceback."""
+    from ray.exceptions import ActorUnavailableError
+
+    from sinkd_ray.driver import fit
+
+    class RuntimeGone:
+        def fit(self):
+            raise ActorUnavailableError("The actor is temporarily unavailable: RpcError: Socket closed", b"\0" * 16)
+
+    (tmp_path / "teacher-cola").mkdir()
+    with pytest.raises(SinkdError) as info:
+        fit(RuntimeGone(), str(tmp_path / "teacher-cola"))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("run teacher-cola: the Ray runtime under it went away")
+    assert "ActorUnavailableError" in message and "rerun the same command" in message
