@@ -145,8 +145,16 @@ class StorageLayout:
         """The embedded MLflow store: a SQLite file in a local root (a remote root needs a tracking server)."""
         return None if self.remote else f"sqlite:///{Path(self.root) / 'mlflow.db'}"
 
-    def artifact_location(self) -> str | None:
-        return None if self.remote else Path(self.root, "mlartifacts").as_uri()
+    def artifact_location(self, tracking_uri: str | None = None) -> str | None:
+        """Where a new MLflow experiment keeps its artifacts: beside the runs; None (the server's own, proxied
+        artifact root) when the runs live in a bucket and an MLflow server tracks them. A bucket tracked by a
+        database (sqlite, postgresql…) gets the bucket: MLflow would otherwise write to ./mlruns in whatever
+        folder the driver was started from."""
+        if not self.remote:
+            return Path(self.root, "mlartifacts").as_uri()
+        if tracking_uri and not tracking_uri.startswith(("http://", "https://", "databricks")):
+            return f"{self.root.rstrip('/')}/mlartifacts"
+        return None
 
 
 # ------------------------------------------------------------------------------------------- disk space

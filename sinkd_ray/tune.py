@@ -121,7 +121,7 @@ def _main(argv: list[str]) -> int:
         tracking_uri,
         cfg.experiment_name or f"sinkd-{task.name}",
         name,
-        layout.artifact_location(),
+        layout.artifact_location(tracking_uri),
         _tags(prepared.spec, space),
     )
     if cfg.resume:

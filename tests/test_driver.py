@@ -379,6 +379,12 @@ def test_the_storage_layout_is_the_one_earlier_versions_wrote(tmp_path):
     remote = StorageLayout.at("s3://bucket/runs/")
     assert remote.remote and remote.trials_root("s") == "s3://bucket/runs/s-train"
     assert remote.default_tracking_uri() is None
+    # artifacts: beside local runs; in the bucket when a database tracks a bucket's runs (not ./mlruns of the cwd);
+    # the server's own proxied root (None) when an MLflow server does
+    assert layout.artifact_location() == (tmp_path.resolve() / "mlartifacts").as_uri()
+    assert remote.artifact_location("sqlite:////tmp/m.db") == "s3://bucket/runs/mlartifacts"
+    assert remote.artifact_location("postgresql://u@db/mlflow") == "s3://bucket/runs/mlartifacts"
+    assert remote.artifact_location("http://127.0.0.1:5000") is None and remote.artifact_location() is None
 
 
 def test_inputs_shipped_for_other_nodes_come_back_identical(tmp_path, monkeypatch, tiny_bert_dir):
