@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sinkd_ray.data import GlobalBatchSampler, first_examples, load_split, make_loader, tokenize_split
+from sinkd_ray.data import GlobalBatchSampler, first_examples, load_split, make_loader, token_lengths, tokenize_split
 from sinkd_ray.models import (
     LogitModel,
     detect_family,
@@ -104,7 +104,8 @@ def compute_logits(teacher: LogitModel, tokenized, *, batch_size: int, bf16: boo
     teacher's own device."""
     device = teacher.label_token_ids.device
     n = len(tokenized)
-    sampler = GlobalBatchSampler(n, batch_size, shuffle=False, drop_last=False)
+    # longest first, similar lengths together: less padding, rows still land at their ``idx``
+    sampler = GlobalBatchSampler.for_eval(n, batch_size, lengths=token_lengths(tokenized))
     loader = make_loader(tokenized, teacher.tokenizer, sampler)
     out: torch.Tensor | None = None
     line, done = ProgressLine("teacher logits", n), 0

@@ -40,6 +40,7 @@ from sinkd_ray.data import (
     holdout_split,
     load_split,
     make_loader,
+    token_lengths,
     tokenize_split,
 )
 from sinkd_ray.errors import SinkdError
@@ -190,7 +191,10 @@ def evaluate(
     idx_all, pred_all, label_all = [], [], []
     # Every worker must run the same number of (collective) FSDP forwards: for_eval pads the last batch with
     # repeated examples, dropped again below by example id.
-    sampler = GlobalBatchSampler.for_eval(len(dev), per_worker * world, rank=rank, world_size=world)
+    # longest first, similar lengths together: less padding, the same predictions (gathered by example id)
+    sampler = GlobalBatchSampler.for_eval(
+        len(dev), per_worker * world, rank=rank, world_size=world, lengths=token_lengths(dev)
+    )
     line = ProgressLine("evaluating", len(dev), enabled=rank == 0)
     with torch.no_grad():
         for batch in make_loader(dev, student.tokenizer, sampler):
@@ -248,7 +252,12 @@ class DistillRecipe:
             shard_student(self.student, ctx.world, ctx.device, self.bf16)
         self.optimizer = self._optimizer()
         self.sampler = GlobalBatchSampler(
-            len(self.train_ds), self.dcfg.batch_size, rank=ctx.rank, world_size=ctx.world, seed=tcfg.seed
+            len(self.train_ds),
+            self.dcfg.batch_size,
+            rank=ctx.rank,
+            world_size=ctx.world,
+            seed=tcfg.seed,
+            lengths=token_lengths(self.train_ds) if tcfg.group_by_length else None,
         )
         self.steps_per_epoch = len(self.sampler) // tcfg.grad_accum_steps
         if self.steps_per_epoch == 0:

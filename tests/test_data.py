@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 
@@ -480,6 +481,54 @@ def test_eval_sampler_keeps_every_example_in_order():
     assert sorted(set(_flat(steps))) == list(range(n))
     assert list(GlobalBatchSampler.for_eval(n, b)) == [list(range(8)), list(range(8, 16)), list(range(16, 23))]
     assert len(GlobalBatchSampler.for_eval(n, b)) == 3
+
+
+def _padded_tokens(batches, lengths) -> int:
+    """What a batch padded to its longest costs: max length × batch size, summed."""
+    return sum(int(lengths[batch].max()) * len(batch) for batch in batches)
+
+
+def test_batches_grouped_by_length_pad_little_and_stay_global_batches():
+    n, b, w = 1030, 8, 2
+    lengths = np.random.default_rng(0).integers(3, 48, size=n)  # CoLA-like: 3..47 tokens
+    grouped = GlobalBatchSampler(n, b, seed=3, lengths=lengths)
+    epoch0 = [np.asarray(batch) for batch in grouped]
+    flat = np.concatenate(epoch0)
+    assert len(epoch0) == n // b and len(set(flat.tolist())) == len(flat) == (n // b) * b  # each once, ≤ b-1 dropped
+    real = int(lengths[flat].sum())
+    uniform = [np.asarray(batch) for batch in GlobalBatchSampler(n, b, seed=3)]
+    assert _padded_tokens(uniform, lengths) > 1.4 * real  # random batches: ~1.6× their real tokens here
+    assert _padded_tokens(epoch0, lengths) < 1.1 * real
+    # the batches' order is shuffled: not longest first (the first window alone would give the epoch's start)
+    maxima = [int(lengths[batch].max()) for batch in epoch0]
+    assert maxima != sorted(maxima, reverse=True) and maxima[0] != max(maxima)
+    # deterministic per (seed, epoch), another epoch another grouping; ranks slice the same global batches
+    assert [list(x) for x in GlobalBatchSampler(n, b, seed=3, lengths=lengths)] == [x.tolist() for x in epoch0]
+    grouped.set_epoch(1)
+    epoch1 = list(grouped)
+    assert epoch1 != [x.tolist() for x in epoch0]
+    for r in range(w):
+        ranked = GlobalBatchSampler(n, b, rank=r, world_size=w, seed=3, lengths=lengths)
+        ranked.set_epoch(1)
+        assert list(ranked) == [batch[r * b // w : (r + 1) * b // w] for batch in epoch1]
+
+
+def test_eval_batches_grouped_by_length_run_longest_first_with_ties_in_split_order():
+    lengths = np.array([3, 5, 5, 1, 4])
+    assert list(GlobalBatchSampler.for_eval(5, 2, lengths=lengths)) == [[1, 2], [4, 0], [3]]
+    per_rank = [list(GlobalBatchSampler.for_eval(5, 2, rank=r, world_size=2, lengths=lengths)) for r in range(2)]
+    assert per_rank == [[[1], [4], [3]], [[2], [0], [3]]]  # the last batch padded with its first example
+
+
+def test_token_lengths_follow_a_selected_dataset(tmp_path, tokenizer):
+    from conftest import write_cola_fixture
+
+    from sinkd_ray.data import token_lengths
+
+    cola = TASKS["cola"]
+    tok = tokenize_split(load_split(cola, "train", write_cola_fixture(tmp_path)), cola, tokenizer, 32)
+    rows = [9, 2, 40, 2]
+    assert token_lengths(tok.select(rows)).tolist() == [len(tok[i]["input_ids"]) for i in rows]
 
 
 @pytest.mark.parametrize(

@@ -41,5 +41,5 @@ def test_the_plan_becomes_the_study_command():
 
     assert value("--teacher-max-train-examples") == "3000" and value("--max-train-examples") == "2500"
     assert "--no-bf16" in argv and value("--search-space") == "demo" and "--ce-baseline" in argv
-    assert value("--num-trials") == "2"
+    assert value("--num-trials") == "2" and "--group-by-length" in argv  # what measure() timed
     assert value("--teacher-epochs") == "1" and value("--teacher-lr") == "5e-5"  # 3e-5 left a short teacher at MCC 0

@@ -107,6 +107,25 @@ def test_teacher_cache_is_reused_and_invalidated(tmp_path, tiny_teacher_dir, col
     assert computed_v2 and path_v2 != path
 
 
+def test_teacher_logits_batched_longest_first_land_on_their_own_rows(tiny_teacher_dir, shared_data):
+    """Batches of similar lengths (real CoLA sentences of 2–40 words) must still give row i the logits of example
+    i: each row against the teacher run on that example alone, unpadded."""
+    from sinkd_ray.data import load_split, token_lengths, tokenize_split
+    from sinkd_ray.models import load_teacher
+    from sinkd_ray.teacher_cache import compute_logits
+
+    teacher = load_teacher(str(tiny_teacher_dir), COLA)
+    teacher.eval()
+    tokenized = tokenize_split(load_split(COLA, "dev", str(shared_data)).select(range(60)), COLA, teacher.tokenizer, 64)
+    assert len(set(token_lengths(tokenized).tolist())) > 10
+    batched = compute_logits(teacher, tokenized, batch_size=8, bf16=False)
+    with torch.no_grad():
+        alone = torch.cat(
+            [teacher(**{k: torch.tensor([row[k]]) for k in ("input_ids", "attention_mask")}) for row in tokenized]
+        )
+    torch.testing.assert_close(batched, alone.float(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "field, value",
     [

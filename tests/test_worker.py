@@ -289,12 +289,20 @@ def _run_collecting(spec, tmp_path, tag, resume_dir=None, logits=None):
     return kept
 
 
+@pytest.mark.parametrize("group_by_length", [False, True], ids=["uniform batches", "grouped by length"])
 def test_a_run_resumed_from_a_checkpoint_ends_bit_identical_to_an_uninterrupted_one(
-    tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
+    tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, group_by_length
 ):
     """Dropout on, a live teacher, a checkpoint every 2 steps; a fault at step 5, resumed from step 4's checkpoint
     in a fresh recipe: the final weights, optimizer moments and every later metric equal the uninterrupted run's."""
-    spec = spec_for(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, teacher_source="live", eval_every_steps=2)
+    spec = spec_for(
+        tiny_bert_dir,
+        tiny_teacher_dir,
+        cola_fixture_dir,
+        teacher_source="live",
+        eval_every_steps=2,
+        group_by_length=group_by_length,
+    )
     whole = _run_collecting(spec, tmp_path, "whole")
     faulty = RunSpec(TrainConfig(**{**spec.train.to_dict(), "fault_at_step": 5}), spec.distill)
     with pytest.raises(RuntimeError, match="injected fault at step 5"):
@@ -312,6 +320,31 @@ def test_a_run_resumed_from_a_checkpoint_ends_bit_identical_to_an_uninterrupted_
     final_resumed = load_file(str(resumed[12][1] / "shards" / "rank0.safetensors"))
     assert final_whole.keys() == final_resumed.keys()
     assert all(torch.equal(final_whole[k], final_resumed[k]) for k in final_whole)  # bit-exact: weights + moments
+
+
+def test_group_by_length_gives_the_run_batches_of_similar_lengths(tiny_bert_dir, shared_data):
+    from sinkd_ray.data import token_lengths
+    from sinkd_ray.worker import DistillRecipe
+
+    def padding(group_by_length: bool) -> float:
+        """Padded tokens over real tokens in one epoch of the run's batches (real CoLA: the fixture's sentences
+        are all of about one length)."""
+        spec = spec_for(
+            tiny_bert_dir,
+            None,
+            shared_data,
+            max_train_examples=800,
+            max_eval_examples=16,
+            group_by_length=group_by_length,
+        )
+        recipe = DistillRecipe(spec)
+        recipe.setup()
+        lengths = token_lengths(recipe.train_ds)
+        batches = [lengths[batch] for batch in recipe.sampler]
+        return sum(int(x.max()) * len(x) for x in batches) / sum(int(x.sum()) for x in batches)
+
+    uniform, grouped = padding(False), padding(True)
+    assert grouped < 1.05 and grouped < uniform - 0.1, (uniform, grouped)
 
 
 def test_a_checkpoint_written_by_the_previous_version_still_resumes(
