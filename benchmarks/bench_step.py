@@ -1,6 +1,7 @@
 """Training throughput, side by side in one run: (a) plain CE fine-tuning, (b) SinKD with the live teacher,
 (c) SinKD with cached teacher logits — on the same student, data and loop (`sinkd_ray.worker.distill`, the loop
-every Ray Train worker runs), plus (e) (c) with each term's gradient share measured on every batch.
+every Ray Train worker runs), plus (e) (c) with each term's gradient share measured on every batch and (f) (c) with
+batches grouped by length (`--group-by-length`).
 
     python benchmarks/bench_step.py --data-dir ../shared/data            # MiniLM-L6 teacher -> 3-layer student
     python benchmarks/bench_step.py --data-dir ../shared/data --quick    # a smoke run
@@ -11,6 +12,8 @@ Target: c/a ≥ 0.9 — with cached logits, distillation should cost about as mu
 (d)/(c) says whether bf16 autocast pays on this CPU: it pays only with native bf16 (AVX-512 BF16 / AMX).
 (e)/(c) is the cost of the gradient shares (`--grad-share-batches`): a study measures them on one batch per
 evaluation, so its cost there is this per-batch cost divided by the batches in an interval.
+(f)/(c) is what grouping by length buys: batches padded to their longest hold fewer pad tokens (random CoLA
+batches of 32: ~2× their real tokens).
 Rounds alternate the runs so that machine noise hits all alike; the median of the rounds is reported.
 """
 
@@ -106,6 +109,7 @@ def main() -> None:
         "b) SinKD, live teacher": (RunSpec(with_(teacher_source="live"), sinkd), None),
         "c) SinKD, cached logits": (RunSpec(base, sinkd), cached),
         "e) c) + shares every batch": (RunSpec(with_(grad_share_batches=10**6), sinkd), cached),
+        "f) c) + grouped by length": (RunSpec(with_(group_by_length=True), sinkd), cached),
     }
     bf16_run = "d) c) + bf16 autocast"
     if args.bf16:
@@ -133,6 +137,8 @@ def main() -> None:
         f"e/c = {e / c:.3f}: measuring the gradient shares costs {100 * (c / e - 1):.1f} % of a batch's time; a "
         f"study measures one batch per evaluation ({steps} batches here: {100 * (c / e - 1) / steps:.2f} %)"
     )
+    grouped = median["f) c) + grouped by length"]
+    print(f"f/c = {grouped / c:.2f}   (batches grouped by length over uniform ones)")
     if args.bf16:
         print(f"d/c = {median[bf16_run] / c:.2f}   (bf16 autocast over float32)")
 
