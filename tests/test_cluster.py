@@ -310,6 +310,8 @@ def test_the_head_starts_mlflow_once_on_the_configured_backend_and_fails_loudly_
         with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
             assert response.status == 200
         pid = pidfile.read_text()
+        command = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        assert command[command.index("--workers") + 1] == str(node_setup.mlflow_workers())
         assert node_setup.start_mlflow_server(port=port) == url and pidfile.read_text() == pid  # not started twice
         assert (tmp_path / "home" / "mlflow" / "mlflow.db").exists()
         _register_through(url)
@@ -322,6 +324,20 @@ def test_the_head_starts_mlflow_once_on_the_configured_backend_and_fails_loudly_
     with pytest.raises(SinkdError, match="the MLflow server exited with code") as info:
         node_setup.start_mlflow_server(port=free_port(), wait_s=300)
     assert "\n" not in str(info.value)
+
+
+def test_the_mlflow_server_takes_half_the_heads_cpus_up_to_four_unless_told(monkeypatch):
+    from sinkd_ray import node_setup
+
+    monkeypatch.delenv("SINKD_MLFLOW_WORKERS", raising=False)
+    for cpus, workers in ((1, 1), (2, 1), (6, 3), (64, 4)):
+        monkeypatch.setattr(node_setup.os, "cpu_count", lambda cpus=cpus: cpus)
+        assert node_setup.mlflow_workers() == workers, cpus
+    monkeypatch.setenv("SINKD_MLFLOW_WORKERS", "8")
+    assert node_setup.mlflow_workers() == 8
+    monkeypatch.setenv("SINKD_MLFLOW_WORKERS", "0")
+    with pytest.raises(SinkdError, match="SINKD_MLFLOW_WORKERS='0' is not a positive whole number"):
+        node_setup.mlflow_workers()
 
 
 # ------------------------------------------------------------------------------ what the containers get
