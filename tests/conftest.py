@@ -127,6 +127,31 @@ def run_watched(
     )
 
 
+# Ray Train's controller logs this warning with its traceback when a 5 s call times out on an overloaded CPU
+# ("safe to ignore", it says): Ray's own, not a failure of the command under test.
+RAY_TRANSIENT_WARNING = "autoscaling_coordinator_client.py"
+
+
+def tracebacks(stderr: str) -> list[str]:
+    """The Python tracebacks in ``stderr`` (30 lines each), Ray's transient controller warning aside."""
+    lines = stderr.splitlines()
+    return [
+        "\n".join(lines[i : i + 30])
+        for i, line in enumerate(lines)
+        if "Traceback (most recent call last)" in line
+        and not (i + 1 < len(lines) and RAY_TRANSIENT_WARNING in lines[i + 1])
+    ]
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one `error:` line a refused command printed (exit code 2, no traceback)."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert not tracebacks(proc.stderr), tracebacks(proc.stderr)[0]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    return errors[0]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensor problems: on a shared 2-core machine intra-op threads only add contention (3× slower)."""
@@ -415,3 +440,24 @@ def ray_resources_returned(request):
         groups = [g["strategy"] + ":" + g["state"] for g in placement_group_table().values() if g["state"] != "REMOVED"]
         actors = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])]
         pytest.fail(f"the shared Ray runtime was left short of {short} (placement groups {groups}, actors {actors})")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a chosen size (root only): a disk that fills up."""
+    mounts = []
+
+    def make(size: str) -> Path:
+        if os.geteuid() != 0:
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail("the full-disk test needs root (a tmpfs mount) on CI")
+            pytest.skip("the full-disk test needs root (a tmpfs mount)")
+        folder = tmp_path / f"disk-{len(mounts)}"
+        folder.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+        mounts.append(folder)
+        return folder
+
+    yield make
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, tiny_study_argv
+from conftest import free_port, one_error_line, tiny_study_argv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,29 +26,6 @@ def _run(args: list[str], timeout: float = 120, **env) -> tuple[subprocess.Compl
         env={**clean, "HF_HUB_OFFLINE": "1", **env},
     )
     return proc, time.monotonic() - t0
-
-
-# Ray Train's controller logs this warning with its traceback when a 5 s call times out on an overloaded CPU
-# ("safe to ignore", it says): Ray's own, not a failure of the command under test.
-RAY_TRANSIENT_WARNING = "autoscaling_coordinator_client.py"
-
-
-def _tracebacks(stderr: str) -> list[str]:
-    lines = stderr.splitlines()
-    return [
-        "\n".join(lines[i : i + 30])
-        for i, line in enumerate(lines)
-        if "Traceback (most recent call last)" in line
-        and not (i + 1 < len(lines) and RAY_TRANSIENT_WARNING in lines[i + 1])
-    ]
-
-
-def _one_error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert not _tracebacks(proc.stderr), _tracebacks(proc.stderr)[0]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-2000:]
-    return errors[0]
 
 
 def _train_args(student, teacher, data, storage, *extra) -> list[str]:
@@ -85,7 +62,7 @@ def test_a_ray_address_that_does_not_answer_is_refused_in_seconds(
     closed = free_port()
     args = _train_args(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, tmp_path / "runs")
     proc, elapsed = _run(args, RAY_ADDRESS=f"127.0.0.1:{closed}")
-    line = _one_error_line(proc)
+    line = one_error_line(proc)
     assert f"cannot reach the Ray cluster at 127.0.0.1:{closed}" in line and "unset RAY_ADDRESS" in line
     assert elapsed < 60
 
@@ -100,20 +77,20 @@ def test_a_corrupt_teacher_weights_file_is_refused_before_anything_starts(
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     proc, elapsed = _run(_train_args(tiny_bert_dir, broken, cola_fixture_dir, tmp_path / "runs"))
-    line = _one_error_line(proc)
+    line = one_error_line(proc)
     assert "model.safetensors is corrupt or truncated" in line and "save the model again" in line
     assert elapsed < 60 and "Started a local Ray instance" not in proc.stderr + proc.stdout
     garbage = tmp_path / "garbage"
     shutil.copytree(tiny_teacher_dir, garbage)
     (garbage / "model.safetensors").write_bytes(b"\xff" * 64)
-    line = _one_error_line(_run(_train_args(tiny_bert_dir, garbage, cola_fixture_dir, tmp_path / "runs"))[0])
+    line = one_error_line(_run(_train_args(tiny_bert_dir, garbage, cola_fixture_dir, tmp_path / "runs"))[0])
     assert "corrupt or truncated" in line
 
 
 def test_a_negative_seed_is_refused_up_front(tmp_path, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir):
     """--seed -1 used to fail in every worker, be retried three times, and end with "rerun … to resume"."""
     proc, elapsed = _run(_train_args(tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir, tmp_path / "runs", "--seed=-1"))
-    line = _one_error_line(proc)
+    line = one_error_line(proc)
     assert "seed=-1 is outside [0, 4.29497e+09]" in line and "resume" not in line
     assert elapsed < 60
 
@@ -128,7 +105,7 @@ def test_a_corrupt_mlflow_store_is_refused_before_ray_and_the_teacher(
     space.write_text("sampler: grid\nsearch:\n  lr: {choice: [1.0e-3]}\nfixed:\n  batch_size: 16\n  epochs: 1\n")
     argv = tiny_study_argv(tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, space, storage)
     proc, elapsed = _run(["-m", "sinkd_ray.tune", *argv])
-    line = _one_error_line(proc)
+    line = one_error_line(proc)
     assert "the MLflow store cannot be opened" in line and "move the file aside" in line
     assert elapsed < 60 and "Started a local Ray instance" not in proc.stderr + proc.stdout
 
@@ -181,38 +158,7 @@ def test_a_command_ends_even_when_its_shutdown_hangs(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- a full disk
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of a chosen size (root only): a disk that fills up."""
-    mounts = []
-
-    def make(size: str) -> Path:
-        if os.geteuid() != 0:
-            if os.environ.get("CI", "").lower() == "true":
-                pytest.fail("the full-disk test needs root (a tmpfs mount) on CI")
-            pytest.skip("the full-disk test needs root (a tmpfs mount)")
-        folder = tmp_path / f"disk-{len(mounts)}"
-        folder.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
-        mounts.append(folder)
-        return folder
-
-    yield make
-    for folder in mounts:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
 SPACE = "sampler: grid\nsearch:\n  lr: {choice: [1.0e-2, 3.0e-3]}\nfixed:\n  batch_size: 16\n  epochs: 3\n"
-# One trial where one shows the behaviour: every trial is a Ray Train run of several processes (seconds of CPU each).
-ONE_TRIAL = SPACE.replace("[1.0e-2, 3.0e-3]", "[1.0e-2]")
-
-
-def _runs_by_status(storage: Path) -> dict:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("sinkd-cola").experiment_id])
-    return {r.info.run_name: r.info.status for r in runs}
 
 
 def test_a_storage_too_small_for_the_study_is_refused_up_front(
@@ -223,64 +169,9 @@ def test_a_storage_too_small_for_the_study_is_refused_up_front(
     space.write_text(SPACE)
     argv = tiny_study_argv(tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, space, disk / "runs")
     proc, elapsed = _run(["-m", "sinkd_ray.tune", *argv])
-    line = _one_error_line(proc)
+    line = one_error_line(proc)
     assert "MiB free, and this study writes up to about" in line and "free space or choose another" in line
     assert elapsed < 60 and not (disk / "runs" / "mlflow.db").exists()
-
-
-def _study_at_its_first_checkpoint(argv: list[str], storage: Path, name: str, stdout) -> subprocess.Popen:
-    """`python -m sinkd_ray.tune` started on the session's runtime, returned once a trial wrote a checkpoint (its
-    stderr piped, for the test to read when it ends)."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sinkd_ray.tune", *argv],
-        cwd=REPO,
-        env={**env, "HF_HUB_OFFLINE": "1"},
-        stdout=stdout,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 600
-    while not list(storage.glob(f"{name}-train/trial_*/checkpoint_*/metrics.json")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
-        time.sleep(1)
-    return proc
-
-
-@pytest.mark.ray
-def test_a_study_whose_storage_fills_up_ends_in_one_line_and_resumes_once_space_is_freed(
-    tmp_path, small_disk, ray_runtime, tiny_bert_dir, tiny_teacher_dir, cola_fixture_dir
-):
-    """The disk fills mid-study: one `error:` line within a minute (it used to print tracebacks and never end),
-    every MLflow run it opened FAILED, no checkpoint copy cut short left behind; with space freed, --resume ends
-    the study and registers its student."""
-    disk = small_disk("48m")
-    storage = disk / "runs"
-    space = tmp_path / "space.yaml"
-    space.write_text(ONE_TRIAL)
-    argv = tiny_study_argv(tiny_teacher_dir, tiny_bert_dir, cola_fixture_dir, space, storage, "--name", "full")
-    proc = _study_at_its_first_checkpoint(argv, storage, "full", stdout=(tmp_path / "study.log").open("w"))
-    filler = disk / "filler"
-    with filler.open("wb") as out:  # leave ~256 KiB: less than another checkpoint
-        free = shutil.disk_usage(disk).free - 256 * 1024
-        out.write(b"\0" * max(0, free))
-    filled_at = time.monotonic()
-    _, err = proc.communicate(timeout=300)
-    (tmp_path / "study.err").write_text(err)
-    done = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
-    line = _one_error_line(done)
-    assert "is full" in line and "--resume --name full" in line, line
-    assert time.monotonic() - filled_at < 60
-    statuses = _runs_by_status(storage)
-    assert "RUNNING" not in statuses.values() and statuses["full"] == "FAILED", statuses
-    for checkpoint in storage.glob("full-train/trial_*/checkpoint_*/"):  # every copy left is whole
-        assert (checkpoint / "metrics.json").is_file() and (checkpoint / "shards" / "rank0.safetensors").is_file()
-    filler.unlink()
-    resumed, _ = _run(
-        ["-m", "sinkd_ray.tune", *argv, "--resume"], timeout=900, **{"RAY_ADDRESS": os.environ["RAY_ADDRESS"]}
-    )
-    assert resumed.returncode == 0 and "registered model: sinkd-cola-student" in resumed.stdout, resumed.stderr[-3000:]
-    assert set(_runs_by_status(storage).values()) == {"FINISHED"}
 
 
 def test_two_commands_on_one_study_name_the_second_is_refused_until_the_first_ends(tmp_path):

@@ -3,6 +3,7 @@ and one-line errors for bad input."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_watched, tiny_study_argv
+from conftest import one_error_line, run_watched, tiny_study_argv
 
 from sinkd_ray.models import load_student
 from sinkd_ray.tasks import get_task
@@ -56,11 +57,12 @@ def tiny_teacher(tmp_path_factory, tiny_bert_dir):
     return load_student(str(tiny_bert_dir), get_task("cola")).save_pretrained(tmp_path_factory.mktemp("teacher"))
 
 
-def _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, *extra, space_text=SPACE):
+def _argv(tmp_path, tiny_bert_dir, tiny_teacher, tune_data_dir, *extra, space_text=SPACE, storage=None):
     space = tmp_path / "space.yaml"
     space.write_text(space_text)
+    storage = storage or tmp_path / "runs"
     return tiny_study_argv(
-        tiny_teacher, tiny_bert_dir, tune_data_dir, space, tmp_path / "runs", "--warmup-ratio", "0", "--no-bf16", *extra
+        tiny_teacher, tiny_bert_dir, tune_data_dir, space, storage, "--warmup-ratio", "0", "--no-bf16", *extra
     )
 
 
@@ -134,10 +136,10 @@ def _served(tracking_uri: str, model_uri: str, inputs: list) -> dict:
         server.wait(timeout=30)
 
 
-def _client(tmp_path):
+def _client(tmp_path, storage=None):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    return MlflowClient(f"sqlite:///{(storage or tmp_path / 'runs') / 'mlflow.db'}")
 
 
 def _study_runs(client):
@@ -233,10 +235,24 @@ def test_a_two_trial_study_tracks_registers_and_stops_early(
     assert answer["predictions"][0]["label"] in {"acceptable", "unacceptable"}
 
 
+def _checkpoints(study_dir: Path) -> set[Path]:
+    return {p.parent for p in study_dir.glob("trial_*/checkpoint_*/metrics.json")}
+
+
+def _assert_whole_checkpoints(study_dir: Path) -> None:
+    for checkpoint in study_dir.glob("trial_*/checkpoint_*/"):  # every copy left is whole
+        assert (checkpoint / "metrics.json").is_file() and (checkpoint / "shards" / "rank0.safetensors").is_file()
+
+
 @pytest.mark.ray
-def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(
-    tmp_path, ray_runtime, tiny_bert_dir, tiny_teacher, tune_data_dir
+def test_an_interrupted_study_resumes_past_a_full_disk_without_rerunning_or_duplicating(
+    tmp_path, small_disk, ray_runtime, tiny_bert_dir, tiny_teacher, tune_data_dir
 ):
+    """One study, stopped twice as users' studies stop: SIGTERM in its second trial, then its resume meets a full
+    disk (one `error:` line within a minute; it used to print tracebacks and never end); with space freed, a second
+    resume ends it with no trial run again or duplicated and one model version, and a third registers nothing new.
+    (One study for both: every trial is a Ray Train run of several processes.)"""
+    storage = small_disk("96m") / "runs"
     # 10 epochs (the flag wins over the file's 3): a trial lasts long enough to be interrupted in its middle
     argv = _argv(
         tmp_path,
@@ -251,9 +267,10 @@ def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(
         "10",
         "--epochs",
         "10",
+        storage=storage,
     )  # no early stopping: every trial runs all epochs
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PYTHONUNBUFFERED"] = "1"
+    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     log = tmp_path / "study.log"  # a file, not a pipe: an unread pipe fills up and blocks the study
     proc = subprocess.Popen(
         [sys.executable, "-m", "sinkd_ray.tune", *argv],
@@ -267,7 +284,7 @@ def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(
     last_change, seen = time.time(), None
     while True:  # as long as the trials advance (a slow host), not a fixed wall time
         time.sleep(1)
-        lengths = sorted(len(p.read_text().splitlines()) for p in (tmp_path / "runs" / "s2").glob("*/progress.csv"))
+        lengths = sorted(len(p.read_text().splitlines()) for p in (storage / "s2").glob("*/progress.csv"))
         if len(lengths) == 2 and lengths[-1] >= 11 and lengths[0] >= 2:  # header + 10, header + ≥1 evaluations
             break
         assert proc.poll() is None, log.read_text()[-3000:]
@@ -283,20 +300,48 @@ def test_an_interrupted_study_resumes_without_rerunning_or_duplicating(
     assert proc.wait(timeout=180) == 130, log.read_text()[-3000:]  # "interrupted … --resume", not a summary
     said = log.read_text()
     assert "nothing registered" in said and "interrupted" in said and "--resume --name s2" in said, said[-3000:]
-    client = _client(tmp_path)
+    client = _client(tmp_path, storage)
     parents, before = _study_runs(client)
     assert parents[0].info.status == "KILLED" and not client.search_registered_models()
     assert all(c.info.status in ("FINISHED", "KILLED") for c in before), [c.info.status for c in before]
     finished_before = {c.data.tags["sinkd.trial_id"]: c.info.run_id for c in before if c.info.status == "FINISHED"}
     assert len(finished_before) == 1 and len(before) == 2
-    for checkpoint in (tmp_path / "runs" / "s2-train").glob("trial_*/checkpoint_*"):  # every copy left is whole
-        if checkpoint.is_dir():
-            assert (checkpoint / "metrics.json").is_file() and (checkpoint / "shards" / "rank0.safetensors").is_file()
+    _assert_whole_checkpoints(storage / "s2-train")
 
+    # The resume writes a checkpoint; then the disk fills (~256 KiB left: less than another checkpoint).
+    written = _checkpoints(storage / "s2-train")
+    resumed = subprocess.Popen(
+        [sys.executable, "-m", "sinkd_ray.tune", *argv, "--resume"],
+        cwd=REPO,
+        env=env,
+        stdout=(tmp_path / "resume-1.log").open("w"),
+        stderr=(tmp_path / "resume-1.err").open("w"),  # files: an unread pipe fills up and blocks the study
+    )
+    deadline = time.monotonic() + 600
+    while not _checkpoints(storage / "s2-train") - written:
+        ended = resumed.poll() is not None
+        assert not ended and time.monotonic() < deadline, (tmp_path / "resume-1.err").read_text()[-3000:]
+        time.sleep(1)
+    filler = storage.parent / "filler"
+    with filler.open("wb") as out:
+        out.write(b"\0" * max(0, shutil.disk_usage(storage).free - 256 * 1024))
+    filled_at = time.monotonic()
+    resumed.wait(timeout=300)
+    err = (tmp_path / "resume-1.err").read_text()
+    line = one_error_line(subprocess.CompletedProcess(resumed.args, resumed.returncode, "", err))
+    assert "is full" in line and "--resume --name s2" in line, line
+    assert time.monotonic() - filled_at < 60
+    parents, runs = _study_runs(client)
+    assert parents[0].info.status == "FAILED", parents[0].info.status
+    assert "RUNNING" not in {c.info.status for c in runs}, [c.info.status for c in runs]
+    _assert_whole_checkpoints(storage / "s2-train")
+
+    filler.unlink()
     _study([*argv, "--resume"])
     parents, after = _study_runs(client)
     trial_ids = [c.data.tags["sinkd.trial_id"] for c in after]
     assert len(parents) == 1 and len(after) == 3 and len(set(trial_ids)) == 3  # no duplicate MLflow run
+    assert all(c.info.status == "FINISHED" for c in after), [c.info.status for c in after]
     for run_id in finished_before.values():  # the finished trial was not run again
         history = client.get_metric_history(run_id, "dev_metric")
         assert sorted(m.step for m in history) == list(range(1, 11))
