@@ -1,6 +1,7 @@
 """`python -m sinkd_ray.tune` end to end on tiny models: MLflow parent/child runs, registry, ASHA, resume,
 and one-line errors for bad input."""
 
+import errno
 import json
 import os
 import shutil
@@ -235,6 +236,22 @@ def test_a_two_trial_study_tracks_registers_and_stops_early(
     assert answer["predictions"][0]["label"] in {"acceptable", "unacceptable"}
 
 
+def _fill(disk: Path, leave: int) -> Path:
+    """Fill ``disk`` up to ``leave`` bytes free, in 1 MiB writes: the study writes beside it, so the free space
+    measured before one big write can be gone when it lands (ENOSPC: then the disk is full, as wanted)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while (room := shutil.disk_usage(disk).free - leave) > 0:
+            os.write(fd, b"\0" * min(room, 1 << 20))
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    return filler
+
+
 def _checkpoints(study_dir: Path) -> set[Path]:
     return {p.parent for p in study_dir.glob("trial_*/checkpoint_*/metrics.json")}
 
@@ -322,9 +339,7 @@ def test_an_interrupted_study_resumes_past_a_full_disk_without_rerunning_or_dupl
         ended = resumed.poll() is not None
         assert not ended and time.monotonic() < deadline, (tmp_path / "resume-1.err").read_text()[-3000:]
         time.sleep(1)
-    filler = storage.parent / "filler"
-    with filler.open("wb") as out:
-        out.write(b"\0" * max(0, shutil.disk_usage(storage).free - 256 * 1024))
+    filler = _fill(storage.parent, leave=256 * 1024)
     filled_at = time.monotonic()
     resumed.wait(timeout=300)
     err = (tmp_path / "resume-1.err").read_text()
