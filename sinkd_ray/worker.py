@@ -190,8 +190,8 @@ def evaluate(
     student.eval()
     idx_all, pred_all, label_all = [], [], []
     # Every worker must run the same number of (collective) FSDP forwards: for_eval pads the last batch with
-    # repeated examples, dropped again below by example id.
-    # longest first, similar lengths together: less padding, the same predictions (gathered by example id)
+    # repeated examples, dropped again below by example id. Longest first, similar lengths together: less padding,
+    # the same predictions (put back in order by example id).
     sampler = GlobalBatchSampler.for_eval(
         len(dev), per_worker * world, rank=rank, world_size=world, lengths=token_lengths(dev)
     )
